@@ -1,0 +1,1 @@
+"""minitune: LLM post-training written from scratch in readable PyTorch."""
