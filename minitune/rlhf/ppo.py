@@ -1,0 +1,325 @@
+"""PPO for RLHF: the math, as plain functions on tensors.
+
+InstructGPT (Ouyang et al. 2022) fine-tunes the SFT policy pi with PPO (Schulman et al.
+2017, "Proximal Policy Optimization Algorithms") to maximise the reward model's score
+while a per-token KL penalty keeps it near the frozen reference pi_ref (the SFT model):
+
+    r_t = -kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))     every response token
+    r_T += RM(prompt, response)                                  last response token
+
+Advantages come from GAE (Schulman et al. 2016, "High-Dimensional Continuous Control
+Using Generalized Advantage Estimation") with the critic's values V_t:
+
+    delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last token = 0: terminal)
+    A_t     = delta_t + gamma * lam * A_{t+1}
+    R_t     = A_t + V_t                            (the critic's regression target)
+
+The policy loss is the clipped surrogate, with rho_t = pi(a_t|s_t) / pi_old(a_t|s_t):
+
+    L_pi = mean_t max( -A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps) )
+
+and the value loss is clipped the same way around the rollout's values (as in the
+InstructGPT-era implementations: OpenAI lm-human-preferences, trl):
+
+    L_V = 0.5 * mean_t max( (V_t - R_t)^2, (V_old + clip(V_t - V_old, -c, c) - R_t)^2 )
+
+All means run over real response tokens only (``mask`` = 1), never over padding.
+Shapes: B = batch of responses, T = response length (padded), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reward import last_token_index
+
+__all__ = [
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "kl_penalty_rewards",
+    "compute_gae",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "repetition_rate",
+    "collapse_stats",
+    "collapse_warnings",
+]
+
+
+# ---------------------------------------------------------------------------
+# Per-token log-probabilities and entropy
+# ---------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position: logits [B, T, V], labels [B, T] -> [B, T].
+
+    log p(y) = logit_y - logsumexp(logits).  We gather one logit and compute logsumexp
+    one sequence at a time, so the full [B, T, V] log_softmax tensor (the largest
+    tensor in RLHF with a big vocabulary) is never materialised at once.
+    """
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    # float32 for the normaliser: logsumexp over 32k bf16 values loses the small differences.
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # [B, T]
+    return picked.float() - lse
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: [B, T, V] -> [B, T].
+
+    H = -sum p log p = logsumexp(z) - sum softmax(z) * z   (no log of a tiny p needed).
+    """
+    out = []
+    for row in logits:  # one [T, V] at a time, for memory as above
+        row = row.float()
+        p = torch.softmax(row, dim=-1)
+        out.append(torch.logsumexp(row, dim=-1) - (p * row).sum(dim=-1))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of values where mask is 1 (over everything, or along ``dim``)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over real tokens; unbiased (Bessel's n/(n-1)) by default, as trl does."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            raise ValueError(f"unbiased variance needs at least 2 real tokens, mask has {int(n)}")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over real tokens; padding positions come out as 0.
+
+    Whitening advantages makes the policy step size independent of the reward scale.
+    ``shift_mean=False`` only rescales (trl does this for rewards: keeps their sign).
+    """
+    mean = masked_mean(values, mask)
+    var = masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Rewards and GAE
+# ---------------------------------------------------------------------------
+
+
+def kl_penalty_rewards(
+    logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token reward: -kl_coef * (logp - ref_logp), plus the RM score at the last real token.
+
+    logp, ref_logp, mask: [B, T] over response tokens; scores: [B].  Returns [B, T], 0 on padding.
+    log pi - log pi_ref is the single-sample (k1) estimate of KL(pi || pi_ref); summed over
+    the response it is the sequence KL that keeps the policy from drifting into reward hacking.
+    """
+    mask_f = mask.to(logp.dtype)
+    rewards = -kl_coef * (logp - ref_logp) * mask_f  # [B, T]
+    last = last_token_index(mask)  # [B]; raises on an empty response: no token to pay
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards
+
+
+@torch.no_grad()
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation over response tokens: -> (advantages, returns), each [B, T].
+
+    rewards, values, mask: [B, T]; mask marks real response tokens (right padding).
+    Read backwards from the end: the state after the last real token is terminal, so its
+    value is 0 and nothing flows back from padding.  returns = advantages + values.
+    Padding positions are 0 in both outputs.  No gradient: these are targets.
+    """
+    mask_f = mask.to(values.dtype)
+    B, T = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)  # V_{t+1}
+    next_adv = torch.zeros(B, dtype=values.dtype, device=values.device)  # A_{t+1}
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        adv = delta + gamma * lam * next_adv
+        adv = adv * mask_f[:, t]  # padding: no advantage
+        advantages[:, t] = adv
+        # What step t-1 sees as "next": this step's value if it is real, else 0 (terminal).
+        next_value = values[:, t] * mask_f[:, t]
+        next_adv = adv
+    returns = (advantages + values) * mask_f
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate loss -> (loss, clip_frac, approx_kl); inputs [B, T].
+
+    Taking the max of the two negated terms is the pessimistic bound: once the ratio has
+    moved more than clip_range in the direction the advantage rewards, the gradient is 0.
+    clip_frac: share of real tokens where the clipped term was chosen (a health signal).
+    approx_kl: 0.5 * mean (logp - old_logp)^2, how far this epoch moved from the rollout.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)  # [B, T]
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((loss_clipped > loss_unclipped).to(logp.dtype), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clip_frac, approx_kl
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss -> (loss, value_clip_frac); inputs [B, T].
+
+    The critic may move at most clip_range_value from the rollout's values before the
+    clipped error takes over; max of the two squared errors is again the pessimistic choice.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    err_unclipped = (values - returns) ** 2
+    err_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err_unclipped, err_clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
+    return loss, clip_frac
+
+
+# ---------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from
+    Human Preferences", section 2.2):
+
+        e      = clip(KL / target - 1, -0.2, 0.2)
+        beta  <- beta * (1 + e * n_steps / horizon)
+
+    Too much KL -> beta grows and pulls the policy back; too little -> beta shrinks.
+    The clip keeps one noisy KL estimate from swinging beta wildly.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """A constant KL coefficient, same interface as AdaptiveKLController."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+# ---------------------------------------------------------------------------
+# Collapse watch: the two ways an RLHF run dies (seed tutorial 002): the policy becomes
+# a "repeater" that loops until max length, or goes "mute" and answers with EOS only.
+# ---------------------------------------------------------------------------
+
+
+def repetition_rate(token_ids: torch.Tensor, mask: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """Per response, the fraction of its n-grams that repeat an earlier n-gram: [B, T] -> [B].
+
+    "a b c a b c a b c" with n=3 has 7 trigrams, 3 distinct -> 4/7 repeated.
+    A response shorter than n has no n-grams and rate 0.
+    """
+    rates = []
+    for ids, m in zip(token_ids.tolist(), mask.bool().tolist()):
+        toks = [tok for tok, real in zip(ids, m) if real]
+        ngrams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+        rates.append(0.0 if not ngrams else 1.0 - len(set(ngrams)) / len(ngrams))
+    return torch.tensor(rates)
+
+
+def collapse_stats(token_ids: torch.Tensor, mask: torch.Tensor, n: int = 3) -> dict[str, float]:
+    """Response length and repetition numbers for one rollout batch, for collapse_warnings."""
+    lengths = mask.to(torch.float32).sum(dim=1)  # [B]
+    rep = repetition_rate(token_ids, mask, n=n)
+    return {
+        "response_length": lengths.mean().item(),
+        "short_frac": (lengths <= 1).float().mean().item(),  # EOS-only or empty
+        "repetition_rate": rep.mean().item(),
+    }
+
+
+def collapse_warnings(
+    stats: dict[str, float], min_response_length: float = 1.5, max_repetition_rate: float = 0.5
+) -> list[str]:
+    """Human-readable warnings for a collapsing run (an empty list when healthy).
+
+    stats: a dict with "response_length" (mean real response tokens, EOS included) and
+    "repetition_rate" (mean of repetition_rate); "short_frac" optional.  Missing keys are
+    not checked.  Thresholds are deliberately loose: they catch collapse, not style.
+    """
+    warnings = []
+    length = stats.get("response_length")
+    short = stats.get("short_frac")
+    if (length is not None and length <= min_response_length) or (short is not None and short >= 0.5):
+        warnings.append(
+            f"EOS-only collapse: mean response length {length if length is not None else float('nan'):.2f} tokens"
+            + (f", {short:.0%} of responses are EOS-only or empty" if short is not None else "")
+            + "; the policy found that saying nothing is safest (raise kl_coef, lower the lr, check the reward for a length penalty)"
+        )
+    rep = stats.get("repetition_rate")
+    if rep is not None and rep >= max_repetition_rate:
+        warnings.append(
+            f"loop collapse: {rep:.0%} of response n-grams are repeats; the policy is looping until max length "
+            "(raise kl_coef, lower the lr, check the reward model is not paying for repetition)"
+        )
+    return warnings
+
+
+# ---------------------------------------------------------------------------
+# PPO TRAINING LOOP -- NOT WRITTEN YET (issue 8; needs the KV-cache generator and trainer)
+#
+# Per step, the loop will:
+#   1. roll out: sample responses to a batch of prompts with the actor (KV-cache generator);
+#   2. score: logp (actor), ref_logp (reference = actor with the LoRA adapter off),
+#      values (critic), scores (reward model at the last token);
+#   3. rewards = kl_penalty_rewards(...); advantages, returns = compute_gae(...);
+#      advantages = masked_whiten(advantages, mask);
+#   4. for a few PPO epochs over minibatches: ppo_policy_loss + vf_coef * ppo_value_loss
+#      (- ent_coef * entropy); step the optimisers;
+#   5. kl_ctl.update(mean sequence KL, batch size); log reward, KL, clip_frac, entropy,
+#      collapse_stats(...) and print collapse_warnings(...).
+# ---------------------------------------------------------------------------

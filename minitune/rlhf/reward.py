@@ -1,0 +1,137 @@
+"""Reward model for RLHF: a scalar head on the transformer, trained on preference pairs.
+
+The reward model (RM) of InstructGPT (Ouyang et al. 2022, "Training language models to
+follow instructions with human feedback", section 3.5) is the language model with its
+lm_head replaced by a linear layer to one number.  It reads the whole (prompt, response)
+sequence and the number at the *last real token* (the EOS) is the score of the sequence:
+only there has the causal model seen everything.
+
+It is trained with the Bradley-Terry pairwise loss on pairs where a labeller preferred
+``chosen`` over ``rejected``:
+
+    P(chosen > rejected) = sigmoid(r_chosen - r_rejected)
+    loss = -mean( log sigmoid(r_chosen - r_rejected - margin) )
+
+``margin`` (optional, one per pair) is LLaMA-2's margin loss (Touvron et al. 2023,
+section 3.2.2): pairs the labellers rated "significantly better" must be separated by
+more than pairs rated "slightly better".  With margin = 0 it is InstructGPT's loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "pairwise_loss",
+    "reward_accuracy",
+    "last_token_index",
+    "gather_last",
+    "RewardModel",
+]
+
+
+# ---------------------------------------------------------------------------
+# Losses and metrics on scores
+# ---------------------------------------------------------------------------
+
+
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bradley-Terry loss: mean over pairs of -log sigmoid(r_chosen - r_rejected - margin).
+
+    chosen, rejected: [B] scores; margin: [B] (or a scalar) or None.  Returns a scalar.
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape")
+    diff = chosen - rejected  # [B]
+    if margin is not None:
+        diff = diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    # logsigmoid(x) = -softplus(-x): stable for large |x|, where log(sigmoid(x)) gives -inf.
+    return -F.logsigmoid(diff).mean()
+
+
+@torch.no_grad()
+def reward_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of pairs where the RM scores chosen strictly above rejected (ties count as wrong)."""
+    if chosen.numel() == 0:
+        raise ValueError("reward_accuracy of an empty batch")
+    return (chosen > rejected).float().mean().item()
+
+
+# ---------------------------------------------------------------------------
+# Reading a per-token value at the last real token
+# ---------------------------------------------------------------------------
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad position of each row: [B, T] mask -> [B] long.
+
+    Works for right padding (1 1 1 0 0 -> 2) and left padding (0 0 1 1 1 -> 4):
+    we flip the mask and find the first 1, which is the last 1 of the original row.
+    (``mask.sum(1) - 1`` would only be right for right padding.)
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, T], got {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    empty = ~real.any(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no real tokens (attention_mask all zero); drop them first")
+    T = attention_mask.shape[1]
+    # argmax returns the first maximum; on the flipped row that is the last real token.
+    first_in_flipped = real.flip(dims=[1]).int().argmax(dim=1)  # [B]
+    return (T - 1) - first_in_flipped
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values [B, T] (or [B, T, 1]) at each row's last real token -> [B]."""
+    if values.dim() == 3 and values.shape[-1] == 1:
+        values = values.squeeze(-1)
+    if values.shape != attention_mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} vs attention_mask {tuple(attention_mask.shape)}")
+    idx = last_token_index(attention_mask).to(values.device)  # [B]
+    return values.gather(1, idx.unsqueeze(1)).squeeze(1)  # [B]
+
+
+# ---------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------
+
+
+class RewardModel(nn.Module):
+    """A transformer backbone with a scalar value head.
+
+    The backbone is any module with ``hidden_states(input_ids, attention_mask=None)``
+    returning the final-norm output [B, T, H] (what the lm_head would read) and with
+    ``config.hidden_size``.  The same class serves as PPO's critic: ``token_values``
+    gives a value at every position, ``forward`` the score at the last real token.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        # Small init so untrained scores start near 0 with unit-ish scale; std 1/sqrt(H+1)
+        # is the choice of OpenAI's lm-human-preferences code (Ziegler et al. 2019).
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A scalar at every position: [B, T] ids -> [B, T] values."""
+        h = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)  # [B, T, H]
+        # The head runs in float32 even if the backbone is bf16: rewards are compared by
+        # small differences and bf16 has only ~3 significant digits.
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # [B, T]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Score of each sequence, read at its last real token: [B, T] -> [B]."""
+        values = self.token_values(input_ids, attention_mask)  # [B, T]
+        if attention_mask is None:
+            return values[:, -1]
+        return gather_last(values, attention_mask)
