@@ -1,1 +1,32 @@
-"""minitune: LLM post-training written from scratch in readable PyTorch."""
+"""minitune: LLM post-training written from scratch in readable PyTorch.
+
+    model, tok = minitune.load_pretrained("weights/tiny")
+    ids = torch.tensor([tok.encode("Who are you?")])
+    out = minitune.generate(model, ids, max_new_tokens=32, eos_id=tok.eos_id)
+    print(tok.decode(out[0, ids.shape[1]:].tolist()))
+"""
+
+from pathlib import Path
+
+from .generation import generate
+from .model import ModelConfig, Transformer, load_model, save_pretrained
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint folder (tokenizer.json or tokenizer.model), see minitune.tokenizer."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+def load_pretrained(path, device="cpu", dtype=None):
+    """(model, tokenizer) from a Hugging Face checkpoint folder; dtype=None keeps the checkpoint's.
+
+    The tokenizer is None when the folder has no tokenizer files.
+    """
+    model = load_model(path, device=device, dtype=dtype)
+    has_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    return model, (load_tokenizer(path) if has_tokenizer else None)
+
+
+__all__ = ["ModelConfig", "Transformer", "generate", "load_model", "load_pretrained", "load_tokenizer", "save_pretrained"]

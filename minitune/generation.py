@@ -1,0 +1,85 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p.
+
+    prefill: run the whole prompt once, keep every layer's keys/values in the cache
+    decode:  feed only the newest token; it attends to the cached keys/values
+             logits -> (temperature, top-k, top-p) -> pick the next token -> repeat
+
+A batch of prompts of different lengths is left-padded, so every row's newest token sits in the
+same column; `attention_mask` (1 = real token) keeps padding out of attention, and position ids
+count real tokens only, so a padded prompt gets the same positions as the unpadded one.
+"""
+
+import torch
+
+from .model.kv_cache import KVCache
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1])).values[:, -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose probability
+    reaches p. Sorted ascending, a token is dropped when the mass *below and at* it is <= 1 - p;
+    the most likely token always stays."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum <= 1 - p
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def next_token(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """logits [B, vocab] (float32) -> token ids [B]. temperature 0 means greedy (argmax)."""
+    if not temperature:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
+             attention_mask: torch.Tensor | None = None, seed: int | None = None,
+             on_token=None) -> torch.Tensor:
+    """Continue each row of input_ids [B, T]; returns [B, T + new] with new <= max_new_tokens.
+
+    Rows that emit an EOS id are finished: later columns are filled with that EOS id (the same
+    convention as transformers when no pad id is set) and generation stops once all rows are done.
+    `on_token(ids [B])` is called with each new column, e.g. to stream text to a terminal.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T] counts real tokens only
+    padded = not bool(attention_mask.all())
+
+    cache = KVCache(max_len=T + max_new_tokens)
+    step_ids, out = input_ids, [input_ids]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        hidden = model.hidden_states(step_ids, attention_mask if padded else None, position_ids, cache)
+        logits = model.lm_head(hidden[:, -1]).float()  # only the last position needs the vocab projection
+        tok = next_token(logits, temperature, top_k, top_p, generator)  # [B]
+        if len(eos_ids):
+            tok = torch.where(finished, eos_ids[0], tok)
+            finished |= torch.isin(tok, eos_ids)
+        out.append(tok[:, None])
+        if on_token is not None:
+            on_token(tok)
+        if bool(finished.all()):
+            break
+        step_ids = tok[:, None]
+        position_ids = position_ids[:, -1:] + 1
+        if padded:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+    return torch.cat(out, dim=1)
