@@ -73,9 +73,12 @@ class Tokenizer:
         else:
             self.backend.save_files(directory)
             config.setdefault("tokenizer_class", "LlamaTokenizer")
-            # Without these, transformers' LlamaTokenizer would add <s> itself.
+            # Without these, transformers' LlamaTokenizer would add <s> itself; "legacy" makes it
+            # put the "▁" prefix on the text after a special token too, as sentencepiece does.
             config.setdefault("add_bos_token", False)
             config.setdefault("add_eos_token", False)
+            config.setdefault("legacy", True)
+        config.setdefault("clean_up_tokenization_spaces", False)  # else decode() may change spaces
         for role in _ROLES:
             i = getattr(self, f"{role}_id")
             config[f"{role}_token"] = self.id_to_token(i) if i is not None else None
