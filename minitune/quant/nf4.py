@@ -68,10 +68,9 @@ def dynamic_map_8bit() -> torch.Tensor:
 
     A dynamic exponent e = 0..6 picks a decade 10^(e-6); the remaining bits form
     a linear fraction with 2^e steps in [0.1, 1].  Small magnitudes get few
-    levels, large ones many: 254 signed values, plus 0 and 1, sorted.
-    Built with the same float32 operations as bitsandbytes' create_dynamic_map,
-    then the first entry is set to -1.0 exactly as its CPU quantizer does (the
-    map would otherwise stop at -0.993 and the search could not reach -1).
+    levels, large ones many: 254 signed values, plus 0 and 1, sorted (the
+    smallest is -0.993, not -1).  Built with the same float32 operations as
+    bitsandbytes' create_dynamic_map, so the 256 floats are identical.
     """
     values = []
     for e in range(7):
@@ -80,9 +79,29 @@ def dynamic_map_8bit() -> torch.Tensor:
         values += ((10 ** (e - 6)) * mids).tolist()  # positive branch
         values += (-(10 ** (e - 6)) * mids).tolist()  # negative branch
     values += [0.0, 1.0]
-    code = torch.tensor(sorted(values), dtype=torch.float32)
-    code[0] = -1.0
-    return code
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+# bitsandbytes' CPU 8-bit quantizer does not search the 256 levels for each
+# value: it rounds the normalised value to a grid of 65536 points over [-1, 1]
+# and reads the level from a table built once for that grid.  We do the same,
+# so the 8-bit scales are the same bytes (an exact nearest-level search differs
+# for values within ~1.5e-5 of a midpoint between two levels).
+_GRID = 65536
+
+
+def _grid_table(code: torch.Tensor) -> torch.Tensor:
+    """table[i] = the level nearest to grid point g_i = -1 + 2i / 65535 (ties down)."""
+    mids = 0.5 * (code[:-1] + code[1:])
+    i = torch.arange(_GRID, dtype=torch.float32, device=code.device)
+    grid = -1.0 + (2.0 * i) / torch.full_like(i, _GRID - 1)  # float32 division, as in C
+    return torch.searchsorted(mids, grid, side="left")  # how many midpoints lie below g_i
+
+
+def _nearest_level_on_grid(normed: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Level index of values in [-1, 1]: snap to the grid (round half up), look up."""
+    t = (normed.clamp(-1, 1) + 1.0) * 0.5 * float(_GRID - 1) + 0.5
+    return _grid_table(code)[t.long()]  # .long() truncates, like the C cast
 
 
 @dataclass
@@ -153,21 +172,21 @@ def _per_element(scales: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:
 
 
 def _quantize_scales(absmax: torch.Tensor):
-    """Second level of double quantization, as bitsandbytes' CPU quantize_blockwise:
-    centre by the mean, scale blocks of 256 by their absmax (a division, as its
-    kernel does), then pick the nearest entry of the dynamic map, ties to the left."""
+    """Second level of double quantization, as bitsandbytes' quantize_4bit with
+    compress_statistics=True: subtract the mean, then 8-bit blockwise
+    quantization of the centred scales in blocks of 256."""
     offset = absmax.mean()
     centred = absmax - offset
-    n = centred.numel()
     absmax2 = _blockwise_absmax(centred, DOUBLE_QUANT_BLOCKSIZE)
-    normed = centred / _per_element(absmax2, DOUBLE_QUANT_BLOCKSIZE, n)
+    # Multiply by the reciprocal, as its kernel does (0 for an all-zero block).
+    inv = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
+    normed = centred * _per_element(inv, DOUBLE_QUANT_BLOCKSIZE, centred.numel())
     code2 = dynamic_map_8bit().to(absmax.device)
-    # Left neighbour: the last level <= x (at most 254 so a right neighbour exists).
-    left = (torch.searchsorted(code2, normed, right=True) - 1).clamp(0, 254)
-    # Move right only if strictly closer: the tie-break of bitsandbytes' C code.
-    go_right = (normed - code2[left + 1]).abs() < (normed - code2[left]).abs()
-    q = (left + go_right.long()).to(torch.uint8)
-    return q, offset, absmax2, code2
+    q = _nearest_level_on_grid(normed, code2)
+    # An all-zero block (possible only if all its scales equal the mean) gets
+    # index 0 in bitsandbytes; it decodes to code2[0] * 0 + offset = offset.
+    q = q.masked_fill(_per_element(absmax2 == 0, DOUBLE_QUANT_BLOCKSIZE, q.numel()), 0)
+    return q.to(torch.uint8), offset, absmax2, code2
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
