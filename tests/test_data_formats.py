@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from minitune.data.formats import DataError, PreferenceExample, load_examples, load_preferences
+from minitune.data.formats import DataError, load_examples
+from minitune.data.preference import PreferenceExample, load_preferences
 
 
 def write_jsonl(path, records):
@@ -154,6 +155,8 @@ def test_bad_record_in_a_json_array_reports_the_line_it_starts_on(tmp_path):
      "chosen and rejected share no '\\n\\nAssistant:' prefix"),
     ({"chosen": "\n\nAssistant: A\n\nAssistant: B", "rejected": "\n\nAssistant: A\n\nAssistant: C"},
      "message 0: expected 'user' after the start, got 'assistant'"),
+    ({"prompt": "Q", "chosen": "A", "rejected": "A"},
+     "chosen and rejected are the same response, so the pair teaches nothing"),
 ])
 def test_bad_preference_record_names_file_and_line(tmp_path, bad_record, reason):
     path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "B"}, bad_record])
@@ -170,6 +173,17 @@ def test_skip_bad_keeps_the_good_records_and_counts_every_skipped_line(tmp_path,
     assert [line for line, _ in loaded.skipped] == [2, 3, 5]
     assert "field 'output' missing" in loaded.skipped[1][1]
     assert f"{path}: skipped 3 bad record(s) of 6 (first: line 2: not valid JSON" in caplog.text
+
+
+def test_skip_bad_cannot_step_over_broken_json_that_hides_the_records_after_it(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"},\n'
+                    '  {"instruction": "e", "output": "f"}\n]')
+    with pytest.raises(DataError, match=re.escape(f"{path} line 3: not valid JSON")):
+        load_examples(path, skip_bad=True)
+    path.write_text(json.dumps({"data": [GOOD, GOOD]}, indent=2))
+    with pytest.raises(DataError, match=re.escape(f"{path} line 1: the file is one JSON object; expected JSONL")):
+        load_examples(path, skip_bad=True)
 
 
 def test_a_file_with_nothing_usable_is_an_error_even_with_skip_bad(tmp_path):

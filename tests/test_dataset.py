@@ -8,7 +8,7 @@ import torch
 from minitune.data.dataset import (IGNORE_INDEX, PaddingCollator, PreferenceCollator, encode_segments, pack,
                                    prepare_sft, show_loss_mask, split_train_val, tokenize_all,
                                    tokenize_conversation, tokenize_preference)
-from minitune.data.formats import PreferenceExample
+from minitune.data.preference import PreferenceExample
 from minitune.data.templates import render, render_segments
 
 

@@ -7,7 +7,8 @@
 from .dataset import (IGNORE_INDEX, DataReport, PaddingCollator, PreferenceCollator, SFTData,
                       encode_segments, pack, prepare_sft, show_loss_mask, split_train_val,
                       tokenize_all, tokenize_conversation, tokenize_preference)
-from .formats import DataError, Loaded, PreferenceExample, load_examples, load_preferences
+from .formats import DataError, Loaded, load_examples
+from .preference import PreferenceExample, load_preferences
 from .templates import BOS, EOS, TEMPLATES, Template, get_template, render, render_segments
 
 __all__ = [

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .formats import PreferenceExample, load_examples
+from .formats import load_examples
+from .preference import PreferenceExample
 from .templates import BOS, EOS, Template, get_template
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ def prepare_sft(data, tokenizer, template: str | Template, cutoff_len: int = 102
 
     The split happens before packing so no validation example leaks into a training block.
     """
+    if packing and not cutoff_len:
+        raise ValueError("packing needs cutoff_len: it is the length of the packed blocks")
     report = DataReport()
     if isinstance(data, (str, Path)):
         loaded = load_examples(data, fmt=fmt, skip_bad=skip_bad)

@@ -1,4 +1,4 @@
-"""Reading training data from JSON / JSONL files in the shapes people actually publish.
+"""Reading SFT data from JSON / JSONL files in the shapes people actually publish.
 
 Every reader normalises a record to a list of ``{"role", "content"}`` messages (roles
 ``system``, ``user``, ``assistant``, alternating user/assistant after an optional system):
@@ -13,10 +13,7 @@ Every reader normalises a record to a list of ``{"role", "content"}`` messages (
   ``from`` may also be ``user`` / ``assistant``.
 - OpenAI chat (the fine-tuning API format)::
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}
-- Preference pairs (DPO / reward models)::
-    {"prompt": "..." or [messages], "chosen": "..." or [messages], "rejected": ..., "system": "..."}
-  and Anthropic HH-RLHF, where ``chosen`` and ``rejected`` are whole dialogues
-  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` that share everything up to the last reply.
+(Preference pairs for DPO / reward models are read by ``minitune.data.preference``.)
 
 A file is either JSONL (one record per line) or one JSON array of records. Bad data never
 vanishes: by default the first bad record raises ``DataError`` naming file and line; with
@@ -40,15 +37,12 @@ class DataError(ValueError):
     """A record that cannot be turned into a training example; the message says where."""
 
 
-class _Bad(Exception):
-    """Raised by the parsers; the loader adds file and line."""
+class RecordError(Exception):
+    """What is wrong with one record, raised by the parsers; the loader adds file and line."""
 
 
-@dataclass
-class PreferenceExample:
-    prompt: list[dict]  # messages, ending with a user turn
-    chosen: str
-    rejected: str
+class _Fatal(RecordError):
+    """Bad in a way that hides the records after it, so ``skip_bad`` cannot step over it."""
 
 
 @dataclass
@@ -63,10 +57,7 @@ class Loaded:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __iter__(self):
-        return iter(self.examples)
-
-    def __getitem__(self, i):
+    def __getitem__(self, i):  # also makes a Loaded iterable
         return self.examples[i]
 
 
@@ -74,18 +65,26 @@ class Loaded:
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
-    """Yield ``(line_number, record)``; a record that is not JSON is yielded as a ``_Bad``."""
+    """Yield ``(line_number, record)``; a record that is not JSON is yielded as a ``RecordError``."""
     text = Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text)
         return
+    if text.lstrip().startswith("{") and "\n" in text.strip():
+        try:
+            json.loads(text)
+            yield 1, _Fatal("the file is one JSON object; expected JSONL (one record per line) "
+                            "or a JSON array of records")
+            return
+        except json.JSONDecodeError:
+            pass  # several objects: JSONL
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue  # blank lines hold no record
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            yield n, _Bad(f"not valid JSON ({e.msg} at column {e.colno})")
+            yield n, RecordError(f"not valid JSON ({e.msg} at column {e.colno})")
 
 
 def _iter_json_array(text: str) -> Iterator[tuple[int, object]]:
@@ -100,63 +99,64 @@ def _iter_json_array(text: str) -> Iterator[tuple[int, object]]:
         line = text.count("\n", 0, pos) + 1
         try:
             obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield e.lineno, _Bad(f"not valid JSON ({e.msg} at column {e.colno})")
-            return  # the rest of the array cannot be located reliably
+        except json.JSONDecodeError as e:  # where the rest of the array starts is unknown
+            yield e.lineno, _Fatal(f"not valid JSON ({e.msg} at column {e.colno})")
+            return
         yield line, obj
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos += 1
         elif not text.startswith("]", pos):
-            yield text.count("\n", 0, pos) + 1, _Bad("not valid JSON (expected ',' or ']' in the array)")
+            yield text.count("\n", 0, pos) + 1, _Fatal("not valid JSON (expected ',' or ']' in the array)")
             return
 
 
 # ----------------------------------------------------------------------------- parsers
 
 
-def _str_field(rec: dict, key: str, fmt: str, expects: str, required: bool = True) -> str:
+def str_field(rec: dict, key: str, fmt: str, expects: str, required: bool = True) -> str:
     if key not in rec or rec[key] is None:
         if required:
-            raise _Bad(f"field {key!r} missing ({fmt} format expects {expects})")
+            raise RecordError(f"field {key!r} missing ({fmt} format expects {expects})")
         return ""
     if not isinstance(rec[key], str):
-        raise _Bad(f"field {key!r} must be a string, got {type(rec[key]).__name__}")
+        raise RecordError(f"field {key!r} must be a string, got {type(rec[key]).__name__}")
     return rec[key]
 
 
-def _finish(messages: list[dict], need_reply: bool = True) -> list[dict]:
+def check_conversation(messages: list[dict], need_reply: bool = True) -> list[dict]:
+    """Roles in order, and (for SFT) at least one non-empty reply, last."""
     try:
         check_roles(messages)
     except ValueError as e:
-        raise _Bad(str(e)) from None
+        raise RecordError(str(e)) from None
     if need_reply and messages[-1]["role"] != "assistant":
-        raise _Bad("conversation ends with a user message, so it has no reply to train on")
+        raise RecordError("conversation ends with a user message, so it has no reply to train on")
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
-            raise _Bad(f"message {i} (assistant) is empty")
+            raise RecordError(f"message {i} (assistant) is empty")
     return messages
 
 
 def parse_alpaca(rec: dict) -> list[dict]:
     expects = "instruction, input, output"
-    instruction = _str_field(rec, "instruction", "Alpaca", expects)
-    inp = _str_field(rec, "input", "Alpaca", expects, required=False)
-    output = _str_field(rec, "output", "Alpaca", expects)
-    system = _str_field(rec, "system", "Alpaca", expects, required=False)
+    instruction = str_field(rec, "instruction", "Alpaca", expects)
+    inp = str_field(rec, "input", "Alpaca", expects, required=False)
+    output = str_field(rec, "output", "Alpaca", expects)
+    system = str_field(rec, "system", "Alpaca", expects, required=False)
     messages = [{"role": "system", "content": system}] if system else []
     history = rec.get("history") or []
     if not isinstance(history, list):
-        raise _Bad("field 'history' must be a list of [user, assistant] pairs")
+        raise RecordError("field 'history' must be a list of [user, assistant] pairs")
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise _Bad(f"history item {i} is not a [user, assistant] pair of strings")
+            raise RecordError(f"history item {i} is not a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     user = {"role": "user", "content": instruction}
     if inp:
         user["input"] = inp
     messages += [user, {"role": "assistant", "content": output}]
-    return _finish(messages)
+    return check_conversation(messages)
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -165,101 +165,38 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def _message_list(rec: dict, key: str, fmt: str) -> list:
     if key not in rec:
-        raise _Bad(f"field {key!r} missing ({fmt} format expects a {key!r} list)")
+        raise RecordError(f"field {key!r} missing ({fmt} format expects a {key!r} list)")
     msgs = rec[key]
     if not isinstance(msgs, list):
-        raise _Bad(f"field {key!r} must be a list, got {type(msgs).__name__}")
+        raise RecordError(f"field {key!r} must be a list, got {type(msgs).__name__}")
     if not msgs:
-        raise _Bad("empty conversation")
+        raise RecordError("empty conversation")
     return msgs
 
 
 def parse_sharegpt(rec: dict) -> list[dict]:
     messages = []
-    system = _str_field(rec, "system", "ShareGPT", "", required=False)
+    system = str_field(rec, "system", "ShareGPT", "", required=False)
     if system:
         messages.append({"role": "system", "content": system})
     for i, turn in enumerate(_message_list(rec, "conversations", "ShareGPT")):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise _Bad(f"conversation turn {i} needs 'from' and 'value' (ShareGPT format)")
+            raise RecordError(f"conversation turn {i} needs 'from' and 'value' (ShareGPT format)")
         role = SHAREGPT_ROLES.get(turn["from"])
         if role is None:
-            raise _Bad(f"conversation turn {i}: unknown speaker {turn['from']!r} "
+            raise RecordError(f"conversation turn {i}: unknown speaker {turn['from']!r} "
                        f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         messages.append({"role": role, "content": turn["value"]})
-    return _finish(messages)
+    return check_conversation(messages)
 
 
 def parse_openai(rec: dict, need_reply: bool = True) -> list[dict]:
     messages = []
     for i, m in enumerate(_message_list(rec, "messages", "OpenAI")):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _Bad(f"message {i} needs 'role' and 'content' (OpenAI format)")
+            raise RecordError(f"message {i} needs 'role' and 'content' (OpenAI format)")
         messages.append({"role": m["role"], "content": m["content"]})
-    return _finish(messages, need_reply)
-
-
-def parse_preference(rec: dict) -> PreferenceExample:
-    for key in ("chosen", "rejected"):
-        if key not in rec:
-            raise _Bad(f"field {key!r} missing (preference format expects prompt, chosen, rejected)")
-    if "prompt" not in rec:
-        if isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str):
-            return split_hh(rec["chosen"], rec["rejected"])
-        raise _Bad("field 'prompt' missing (preference format expects prompt, chosen, rejected)")
-    system = _str_field(rec, "system", "preference", "", required=False)
-    prompt = rec["prompt"]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        messages = parse_openai({"messages": prompt}, need_reply=False)
-    else:
-        raise _Bad(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    _finish(messages, need_reply=False)
-    if messages[-1]["role"] != "user":
-        raise _Bad("the prompt must end with a user message")
-    return PreferenceExample(messages, _response(rec, "chosen"), _response(rec, "rejected"))
-
-
-def _response(rec: dict, key: str) -> str:
-    value = rec[key]
-    if isinstance(value, list) and value and isinstance(value[-1], dict):  # [..., reply] form
-        last = value[-1]
-        value = last.get("content") if last.get("role") == "assistant" else None
-    if not isinstance(value, str):
-        raise _Bad(f"field {key!r} must be a string or end with an assistant message")
-    if not value.strip():
-        raise _Bad(f"field {key!r} is empty")
-    return value
-
-
-HH_SPLIT = re.compile(r"\n\n(Human|Assistant): ?")
-
-
-def split_hh(chosen: str, rejected: str) -> PreferenceExample:
-    """Split an HH-RLHF pair into the shared prompt dialogue and the two final replies."""
-    marker = "\n\nAssistant:"
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(marker, 0, n)  # the last reply starts after the last shared marker
-    if cut < 0:
-        raise _Bad("chosen and rejected share no '\\n\\nAssistant:' prefix "
-                   "(HH-RLHF form expects two dialogues differing only in the last reply)")
-    head, end = chosen[:cut], cut + len(marker)
-    parts = HH_SPLIT.split(head)
-    if parts[0].strip():
-        raise _Bad("HH-RLHF dialogue must start with '\\n\\nHuman:'")
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text}
-                for who, text in zip(parts[1::2], parts[2::2])]
-    _finish(messages, need_reply=False)
-    if messages[-1]["role"] != "user":
-        raise _Bad("HH-RLHF prompt must end with a Human turn before the final Assistant reply")
-    strip1 = lambda s: s[1:] if s.startswith(" ") else s  # the space after "Assistant:"
-    return PreferenceExample(messages, _response({"c": strip1(chosen[end:])}, "c"),
-                             _response({"r": strip1(rejected[end:])}, "r"))
+    return check_conversation(messages, need_reply)
 
 
 SFT_PARSERS: dict[str, Callable[[dict], list[dict]]] = {
@@ -274,7 +211,7 @@ def detect_format(rec: object) -> str:
             if key in rec:
                 return fmt
     keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-    raise _Bad(f"cannot tell the data format from {keys}; expected Alpaca (instruction/output), "
+    raise RecordError(f"cannot tell the data format from {keys}; expected Alpaca (instruction/output), "
                "ShareGPT (conversations), OpenAI (messages) or preference (chosen/rejected)")
 
 
@@ -288,33 +225,29 @@ def load_examples(path: str | Path, fmt: str = "auto", skip_bad: bool = False) -
     and then required of every record, so a record missing a field is reported as such
     instead of being taken for another format).
     """
-    return _load(path, fmt, skip_bad, SFT_PARSERS)
+    return load_records(path, fmt, skip_bad, SFT_PARSERS)
 
 
-def load_preferences(path: str | Path, skip_bad: bool = False) -> Loaded:
-    """Read preference pairs: a ``Loaded`` whose examples are ``PreferenceExample``s."""
-    return _load(path, "preference", skip_bad, {"preference": parse_preference})
-
-
-def _load(path, fmt: str, skip_bad: bool, parsers: dict) -> Loaded:
+def load_records(path, fmt: str, skip_bad: bool, parsers: dict) -> Loaded:
+    """Run ``parsers[fmt]`` over every record of a file, with file:line on every error."""
     if fmt != "auto" and fmt not in parsers:
         raise ValueError(f"unknown format {fmt!r}; expected auto or one of {', '.join(parsers)}")
     out = Loaded(str(path), [], format="" if fmt == "auto" else fmt)
     for line, rec in iter_records(path):
         try:
-            if isinstance(rec, _Bad):
+            if isinstance(rec, RecordError):
                 raise rec
             if not isinstance(rec, dict):
-                raise _Bad(f"a record must be a JSON object, got {type(rec).__name__}")
+                raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
             if not out.format:
                 found = detect_format(rec)
                 if found not in parsers:
-                    raise _Bad(f"this looks like {found} data; expected {', '.join(parsers)}")
+                    raise RecordError(f"this looks like {found} data; expected {', '.join(parsers)}")
                 out.format = found
             out.examples.append(parsers[out.format](rec))
-        except _Bad as e:
+        except RecordError as e:
             msg = f"{path} line {line}: {e}"
-            if not skip_bad:
+            if not skip_bad or isinstance(e, _Fatal):
                 raise DataError(msg) from None
             out.skipped.append((line, str(e)))
     if out.skipped:

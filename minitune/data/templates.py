@@ -16,7 +16,9 @@ family invented its own layout, so this module writes them down:
 - ``alpaca``: Stanford Alpaca, "### Instruction:" / "### Input:" / "### Response:".
 - ``chatglm``: ChatGLM-6B, "[Round 0]\\n问：...\\n答：..." (rounds from 0, single newlines);
   ``chatglm2``: ChatGLM2-6B, "[Round 1]\\n\\n问：...\\n\\n答：" (rounds from 1, blank lines).
-  (Their tokenizers also add "[gMASK]<sop>" tokens; that belongs to the tokenizer, not here.)
+  (Their tokenizers also add "[gMASK]<sop>" tokens; that belongs to the tokenizer, not here.
+  ChatGLM-6B's own ``chat()`` sends a first question with no history as the bare query;
+  this template always writes the round header, as its multi-turn training data does.)
 - ``human_assistant``: Anthropic HH-RLHF, "\\n\\nHuman: ...\\n\\nAssistant: ...".
 
 Rendering produces *segments*: ``(text, trainable)`` pairs. Everything the model must learn to
