@@ -187,3 +187,19 @@ def test_out_of_range_id_in_decode_is_an_error(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ours.decode([ours.vocab_size + 5])
+
+
+@pytest.mark.parametrize("family,tokenizer_class", [("qwen2", "Qwen2Tokenizer"), ("llama3", "PreTrainedTokenizerFast")])
+def test_autotokenizer_on_saved_dir_gives_same_ids(tmp_path, corpus, family, tokenizer_class):
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(src, _train_hf(*FAMILIES[family], corpus[:30], vocab_size=500), "pair")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": tokenizer_class, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    tok = load_tokenizer(src)
+    tok.save(tmp_path / "saved")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for text in HELD_OUT:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+    assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_id, tok.pad_id)

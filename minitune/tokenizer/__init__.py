@@ -130,9 +130,9 @@ def _added_from_config(config: dict) -> tuple[dict[str, int], set[str]]:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer in a model folder (or a tokenizer.json / tokenizer.model file itself)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
     folder = path if path.is_dir() else path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     json_file = path if path.is_file() and path.suffix == ".json" else folder / "tokenizer.json"
     model_file = path if path.is_file() and path.suffix == ".model" else folder / "tokenizer.model"
     config = _read_json(folder / "tokenizer_config.json")
