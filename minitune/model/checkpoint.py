@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders in and out: config.json + safetensors (+ tokenizer files).
 
 Loading builds the model on the `meta` device (shapes only, no memory), then streams the
-checkpoint one tensor at a time: read it from the memory-mapped safetensors file, cast it to the
+checkpoint one tensor at a time: read its bytes from the safetensors file, cast it to the
 requested dtype, move it to the device, and put it in place. So host memory peaks near one copy of
 the checkpoint in the target dtype, never at an extra fp32 copy of the whole model.
 
@@ -10,13 +10,13 @@ so a crash half-way leaves the old checkpoint (or nothing), never half a new one
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -56,6 +56,50 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(f, path: Path) -> tuple[dict, int]:
+    """A safetensors file is: 8 bytes (little-endian u64) header length N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw tensor bytes.
+    Returns the header and where the data starts; checks every tensor lies inside the file."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if not 0 < n <= size - 8:
+        raise CheckpointError(f"{path}: corrupt safetensors file (header length {n}, file size {size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which minitune does not read")
+        nbytes = math.prod(info["shape"]) * torch.tensor([], dtype=dtype).element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name} declares shape {info['shape']} ({nbytes} bytes) "
+                                  f"but spans {end - begin} bytes")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, "
+                                  f"file has {size} bytes")
+    return header, 8 + n
+
+
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """Read one tensor's bytes straight into a fresh CPU tensor: no mmap of the whole file stays
+    resident, so host memory holds the model plus one tensor in flight."""
+    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    f.seek(data_start + info["data_offsets"][0])
+    f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return t
+
+
 def load_model(path, device="cpu", dtype: torch.dtype | str | None = None) -> Transformer:
     """Build the Transformer described by path/config.json and fill it from the safetensors files.
 
@@ -66,28 +110,25 @@ def load_model(path, device="cpu", dtype: torch.dtype | str | None = None) -> Tr
     files = weight_files(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""))
-    with torch.device("meta"):
+    dtype = dtype or cfg.dtype
+    with torch.device("meta"):  # shapes only: no memory, no random init
         model = Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded, unexpected = set(), []
-    for f in files:
-        try:
-            handle = safe_open(str(f), framework="pt", device="cpu")
-        except SafetensorError as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-        with handle:
-            for key in handle.keys():
+    for file in files:
+        with open(file, "rb") as f:
+            header, data_start = read_header(f, file)
+            for key, info in header.items():
                 if key.endswith(IGNORED_SUFFIXES):
                     continue
                 if key not in expected:
                     unexpected.append(key)
                     continue
-                t = handle.get_tensor(key)  # one tensor in host memory at a time
-                if tuple(t.shape) != expected[key]:
-                    raise CheckpointError(f"{f}: tensor {key} has shape {tuple(t.shape)}, but the model built "
-                                          f"from config.json expects {expected[key]}")
-                if dtype is None and t.is_floating_point():
-                    dtype = cfg.dtype or t.dtype
+                if tuple(info["shape"]) != expected[key]:
+                    raise CheckpointError(f"{file}: tensor {key} has shape {tuple(info['shape'])}, but the model "
+                                          f"built from config.json expects {expected[key]}")
+                t = read_tensor(f, info, data_start)
+                dtype = dtype or t.dtype
                 _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                 loaded.add(key)
     if unexpected:

@@ -54,10 +54,10 @@ class ModelConfig:
     rope_scaling: dict | None = None  # None or {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
+    qkv_bias: bool | None = None  # None: the family's rule (table above)
+    o_bias: bool | None = None
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | None = None
     torch_dtype: str | None = None  # the checkpoint's storage dtype, e.g. "bfloat16"
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
@@ -65,6 +65,17 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # fields we don't use, written back on save
 
     def __post_init__(self):
+        if self.model_type not in SUPPORTED_ARCHITECTURES.values():
+            raise ConfigError(f"model_type {self.model_type!r} not supported; expected one of "
+                              f"{sorted(SUPPORTED_ARCHITECTURES.values())}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.model_type == "qwen2"
+        if self.o_bias is None:
+            self.o_bias = False
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
+        if self.model_type == "qwen2" and not (self.qkv_bias and not self.o_bias):
+            raise ConfigError("qwen2 always has q/k/v bias and no o_proj bias (config.json cannot say otherwise)")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -122,10 +133,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
+            qkv_bias=None if model_type == "qwen2" else attention_bias,
+            o_bias=None if model_type == "qwen2" else attention_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
             torch_dtype=_dtype_name(d.get("dtype") or d.get("torch_dtype")),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
