@@ -307,11 +307,14 @@ def test_chatglm_rounds_and_human_assistant_layouts():
     assert render("chatglm2", [U1, A1, U2], add_generation_prompt=True) == (
         "[Round 1]\n\n问：What is 2+2?\n\n答：4\n\n[Round 2]\n\n问：  And 3+3? {braces} stay  \n\n答：")
     assert render("human_assistant", [U1, A1, U1], add_generation_prompt=True) == (
-        "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: What is 2+2?\n\nAssistant: ")
+        "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: What is 2+2?\n\nAssistant:")
+    # the reply carries its leading space, so the prompt ends at "Assistant:" as in HH-RLHF
+    assert render_segments("human_assistant", [U1, A1])[-1] == (" 4" + EOS, True)
 
 
 @pytest.mark.parametrize("messages, error", [
     ([], "empty conversation"),
+    ([SYS], "conversation has only a system message"),
     ([A1, U1], "message 0: expected 'user' after the start, got 'assistant'"),
     ([U1, U2], "message 1: expected 'assistant' after user, got 'user'"),
     ([SYS, U1, A1, SYS], "message 3: expected 'user' after assistant, got 'system'"),

@@ -35,9 +35,11 @@ _MARKERS = re.compile(f"({re.escape(BOS)}|{re.escape(EOS)})")
 def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
     """Token ids and labels for rendered ``(text, trainable)`` segments.
 
-    Each segment is encoded on its own, so a token never straddles a trainable boundary. In
-    the chat templates here segments meet at special tokens or newlines, where byte-level BPE
-    would split anyway, so the ids equal those of encoding the whole text at once.
+    Each segment is encoded on its own, so no token straddles the line between prompt and
+    reply. That is also how generation sees it: the prompt is encoded up to the assistant
+    header and the model continues from there. In ChatML and Llama-3 the segments meet at
+    special tokens or newlines, where byte-level BPE splits anyway, so the ids equal those of
+    encoding the whole text; after e.g. ChatGLM's "答：" they can differ, as in ChatGLM's code.
     """
     ids: list[int] = []
     labels: list[int] = []

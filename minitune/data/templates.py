@@ -137,6 +137,8 @@ def check_roles(messages: list[dict]) -> None:
         if not isinstance(msg.get("content"), str):
             raise ValueError(f"message {i} ({role}): content must be a string")
     _, turns = split_system(messages)
+    if not turns:
+        raise ValueError("conversation has only a system message")
     for i, msg in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != want:
@@ -217,8 +219,11 @@ TEMPLATES: dict[str, Template] = {
         name="human_assistant",
         prefix=BOS,
         user="\n\nHuman: {content}",
-        assistant_start="\n\nAssistant: ",
-        assistant="{content}" + EOS,
+        # The prompt ends at "Assistant:" (as in HH-RLHF); the space opens the reply, because
+        # BPE vocabularies spell words with their leading space (" Paris") and a prompt
+        # ending in a bare space pushes the model onto rare tokens.
+        assistant_start="\n\nAssistant:",
+        assistant=" {content}" + EOS,
         stop="\n\nHuman:",
     ),
 }
