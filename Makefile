@@ -1,0 +1,56 @@
+# minitune: every target creates the virtual environment first if it is missing.
+# `make lesson-05 ARGS="--model weights/Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16"` passes flags on.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first and pinned, so that nothing later pulls another build (on CI machines this is the CPU wheel)
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: help env test lessons bench clean download
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@echo "make lesson-NN      run lesson NN (lessons/NN-*/run.py) on the tiny model, CPU; ARGS=... for flags"
+	@echo "make test           run the test suite (creates .venv on first use)"
+	@echo "make lessons        run every lesson in fast mode (what CI does)"
+	@echo "make bench          CPU benchmarks in bench/ (minitune vs the reference libraries)"
+	@echo "make download MODEL=Qwen/Qwen2.5-0.5B-Instruct   fetch a real checkpoint into weights/ (needs network)"
+	@echo "make env            only create the environment"
+	@echo "make clean          remove the environment and caches"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+env: $(VENV)/.installed
+
+# pytest exits 5 when it collected no tests: that must fail, not pass quietly
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+lesson-%: $(VENV)/.installed
+	@dir=$$(ls -d lessons/$*-*/ 2>/dev/null | head -n 1); \
+	if [ -z "$$dir" ]; then echo "no lesson $* (see lessons/README.md)"; exit 2; fi; \
+	echo "== $$dir"; $(PY) $${dir}run.py $(ARGS)
+
+lessons: $(VENV)/.installed
+	@set -e; for dir in lessons/[0-9][0-9]-*/; do \
+	  echo "== $$dir (fast)"; $(PY) $${dir}run.py --fast $(ARGS); done
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_model.py
+
+MODEL ?= Qwen/Qwen2.5-0.5B-Instruct
+download: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[hub]"
+	$(PY) weights/download.py $(MODEL)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
