@@ -235,11 +235,12 @@ class PreferenceCollator:
 
 def show_loss_mask(tokenizer, example: dict, file=None) -> str:
     """Print each token of a feature and whether the loss trains on it; returns the table."""
+    ids, labels = [int(x) for x in example["input_ids"]], [int(x) for x in example["labels"]]  # lists or tensors
     rows = [f"{'pos':>5} {'id':>7}  train  token"]
-    for i, (tok, lab) in enumerate(zip(example["input_ids"], example["labels"])):
+    for i, (tok, lab) in enumerate(zip(ids, labels)):
         mark = "  ✓  " if lab != IGNORE_INDEX else "  ·  "
         rows.append(f"{i:>5} {tok:>7}  {mark}  {tokenizer.decode([tok])!r}")
-    rows.append(f"{n_trainable(example)} of {len(example['input_ids'])} tokens trained")
+    rows.append(f"{sum(lab != IGNORE_INDEX for lab in labels)} of {len(ids)} tokens trained")
     table = "\n".join(rows)
     print(table, file=file)
     return table
