@@ -31,9 +31,9 @@ def model_dir(tmp_path_factory):
     corpus = d / "corpus.txt"
     corpus.write_text(mixed_text(200_000, seed=11), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=800, model_type="bpe",
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=1500, model_type="bpe",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
+        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.99,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     corpus.unlink()
     return d
@@ -59,7 +59,7 @@ def test_decode_round_trips_exactly(model_dir, sp, text):
 def test_bos_eos_come_from_the_model_when_no_config(model_dir, sp):
     tok = load_tokenizer(model_dir)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (sp.bos_id(), sp.eos_id(), None) == (1, 2, None)
-    assert tok.vocab_size == sp.get_piece_size() == 800
+    assert tok.vocab_size == sp.get_piece_size() == 1500
     assert tok.token_to_id("</s>") == 2 and tok.token_to_id("no-such-piece") is None
 
 
@@ -71,10 +71,10 @@ def test_special_token_text_becomes_its_id_and_plain_text_is_encoded_around_it(m
 
 
 def test_added_tokens_from_tokenizer_config_extend_the_vocab(model_dir, sp):
-    backend = SentencePieceModel(model_dir / "tokenizer.model", added={"<|im_start|>": 800, "<|im_end|>": 801})
-    assert backend.vocab_size == 802
-    assert backend.encode("<|im_start|>user<|im_end|>") == [800] + sp.encode("user") + [801]
-    assert backend.decode([800, 801], skip_special_tokens=True) == ""
+    backend = SentencePieceModel(model_dir / "tokenizer.model", added={"<|im_start|>": 1500, "<|im_end|>": 1501})
+    assert backend.vocab_size == 1502
+    assert backend.encode("<|im_start|>user<|im_end|>") == [1500] + sp.encode("user") + [1501]
+    assert backend.decode([1500, 1501], skip_special_tokens=True) == ""
 
 
 def test_autotokenizer_loads_saved_dir_with_same_ids(model_dir, tmp_path):

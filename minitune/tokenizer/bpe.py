@@ -164,7 +164,8 @@ class ByteLevelBPE:
         self.id_to_token.update({i: t for t, i in self.added.items()})
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, list[int]] = {}  # pre-token text -> ids
+        self.cache_limit = 500_000  # bounds memory on endless unique input; 0 turns the cache off
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ByteLevelBPE":
@@ -233,7 +234,7 @@ class ByteLevelBPE:
             ids = cache.get(piece)
             if ids is None:
                 ids = self.bpe("".join(enc[b] for b in piece.encode("utf-8")))
-                if len(cache) < 500_000:  # bound memory on endless unique input
+                if len(cache) < self.cache_limit:
                     cache[piece] = ids
             out.extend(ids)
 

@@ -37,21 +37,53 @@ _CODE = [
 ]
 
 
+_SYLLABLES = ["ka", "to", "re", "mi", "sun", "tra", "ing", "ble", "er", "on", "ex", "pro", "li", "va", "de", "st",
+              "qu", "or", "an", "ti", "ful", "ness", "ly", "ion", "com", "pre", "ze", "ho", "ma", "gu"]
+# A slice of the CJK block in which most common Chinese characters lie.
+_CJK_START, _CJK_SIZE = 0x4E00, 3000
+
+
 def _number(rng: random.Random) -> str:
     return rng.choice([str(rng.randint(0, 10**rng.randint(1, 12))), f"{rng.random() * 1000:.3f}",
                        f"{rng.randint(1900, 2100)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"])
 
 
+def _zipf_index(rng: random.Random, n: int) -> int:
+    # Word frequencies in real text fall off roughly as 1/rank (Zipf's law): a few words are
+    # everywhere, most are rare. That mix is what makes a BPE cache hit or miss.
+    return min(int(10 * rng.paretovariate(1.0)) - 10, n - 1)
+
+
+def _pseudo_sentence(rng: random.Random, lexicon: list[str]) -> str:
+    words = [lexicon[_zipf_index(rng, len(lexicon))] for _ in range(rng.randint(4, 14))]
+    if rng.random() < 0.3:
+        words[0] = words[0].capitalize()
+    return " ".join(words) + rng.choice([".", ",", "!", "?", ";", ""])
+
+
+def _pseudo_chinese(rng: random.Random, hanzi: list[str]) -> str:
+    chars = [hanzi[_zipf_index(rng, len(hanzi))] for _ in range(rng.randint(5, 30))]
+    return "".join(chars) + rng.choice(["。", ",", "!", "?", ""])
+
+
 def mixed_text(n_chars: int, seed: int = 0) -> str:
     """About ``n_chars`` characters of mixed text, the same for the same seed."""
     rng = random.Random(seed)
+    lexicon_rng = random.Random(12345)  # the same made-up vocabulary for every seed
+    lexicon = ["".join(lexicon_rng.choices(_SYLLABLES, k=lexicon_rng.randint(1, 4))) for _ in range(50_000)]
+    hanzi = [chr(_CJK_START + i) for i in range(_CJK_SIZE)]
+    lexicon_rng.shuffle(hanzi)  # so the frequent ones are not simply the first code points
     out, size = [], 0
     while size < n_chars:
         kind = rng.random()
-        if kind < 0.35:
+        if kind < 0.2:
             piece = rng.choice(_ENGLISH)
-        elif kind < 0.6:
+        elif kind < 0.35:
             piece = rng.choice(_CHINESE)
+        elif kind < 0.5:
+            piece = _pseudo_sentence(rng, lexicon)
+        elif kind < 0.6:
+            piece = _pseudo_chinese(rng, hanzi)
         elif kind < 0.7:
             piece = rng.choice(_OTHER)
         elif kind < 0.85:
