@@ -137,7 +137,7 @@ class NF4Tensor:
 
 
 def check_blocksize(blocksize: int) -> None:
-    if blocksize not in SUPPORTED_BLOCKSIZES:
+    if not (isinstance(blocksize, int) and not isinstance(blocksize, bool)) or blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(
             f"blocksize={blocksize!r} is not supported: NF4 blocks must be one of "
             f"{SUPPORTED_BLOCKSIZES}. Two 4-bit values share one byte, so an odd block size "
