@@ -51,6 +51,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+_NEVER = float("inf")
+
+
 class TokenizerFileError(ValueError):
     """A tokenizer file is missing a part, or uses a feature we do not implement."""
 
@@ -189,14 +192,12 @@ class ByteLevelBPE:
             return [self.vocab[word]]
         parts = list(word)
         while len(parts) > 1:
-            # The learned-earliest pair among the neighbours; ties go left, as in tokenizers.
-            best, best_rank = None, None
-            for i in range(len(parts) - 1):
-                r = self.ranks.get((parts[i], parts[i + 1]))
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best is None:
+            # The learned-earliest pair among the neighbours (a pair never learned ranks last).
+            ranks = [self.ranks.get(pair, _NEVER) for pair in zip(parts, parts[1:])]
+            best_rank = min(ranks)
+            if best_rank == _NEVER:
                 break
+            best = ranks.index(best_rank)  # leftmost on ties, as in tokenizers
             a, b = parts[best], parts[best + 1]
             # Join every non-overlapping (a, b) left to right: same result as merging them one
             # by one, since no other pair has a lower rank than this one.
