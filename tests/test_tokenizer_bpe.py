@@ -203,3 +203,14 @@ def test_autotokenizer_on_saved_dir_gives_same_ids(tmp_path, corpus, family, tok
     for text in HELD_OUT:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
     assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_id, tok.pad_id)
+
+
+def test_regex_classes_agree_with_oniguruma_on_unicode_spaces_marks_and_digits(pair):
+    """The `regex` package and HF's Oniguruma must agree on what \\s, \\p{L} and \\p{N} match."""
+    import unicodedata
+    hf, ours = pair
+    chars = [chr(c) for c in range(0x3100) if unicodedata.category(chr(c))[0] in "ZCMN"
+             and not 0xD800 <= c < 0xE000] + ["\u3000", "\ufeff", "\U0001F600"]
+    for c in chars:
+        text = f"a{c}b {c}{c}1{c}\n{c}x"
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, hex(ord(c))
