@@ -1,0 +1,336 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen linear layer W0 [out, in] gets a trainable low-rank update:
+
+    h = W0 x + b + s * B A dropout(x),    A [r, in], B [out, r], r << min(in, out)
+    s = alpha / r                          (rsLoRA, Kalajdzievski 2023: s = alpha / sqrt(r))
+
+A starts Kaiming-uniform (a = sqrt(5), nn.Linear's default, as PEFT does) and B at zero, so
+training starts exactly at the base model. Only A and B are trained: r * (in + out) numbers per
+layer instead of in * out. After training, B A can be folded into W0 (`merge_lora`) and the
+model runs at the base model's speed.
+
+Adapters move both ways with Hugging Face PEFT: our module names are HF's, so PEFT's tensor
+`base_model.model.<name>.lora_A.weight` is our `<name>.lora_A.weight`.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+
+
+class AdapterError(ValueError):
+    """An adapter folder that does not fit the model; the message names the file and the tensor."""
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear plus a trainable low-rank path: y = base_layer(x) + s * B(A(dropout(x)))."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.base_layer = base_layer
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        w = base_layer.weight
+        # nn.Linear submodules so the state-dict names end in `.lora_A.weight` exactly as PEFT's
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A: the [out, in] update this layer adds to W0."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x):  # x [..., in] -> [..., out]
+        y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        if self.merged:
+            return y
+        if self.dropout and self.training:  # no dropout call at all when p = 0 or in eval mode
+            x = F.dropout(x, self.dropout, training=True)
+        # scale the thin [..., r] activation rather than the wide [..., out] one; add in place
+        # (safe for autograd: linear's backward does not need its own output)
+        return y.add_(F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight))
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Every adaptable linear layer: plain nn.Linear, or one already wrapped (named as before wrapping)."""
+    inner = (".base_layer", ".lora_A", ".lora_B")
+    return [n for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not n.endswith(inner))]
+
+
+def match_targets(model: nn.Module, targets, *, source: str = "") -> list[str]:
+    """Names of the linear layers `targets` selects, with PEFT's rules.
+
+    targets: "all-linear" (every linear layer but the output head lm_head), a regex string
+    (must match the full module name), or a list of names, each matching a module whose name is
+    it or ends in "." + it (so "q_proj" hits every layer's q_proj). Every listed name must hit
+    something: a typo is an error, not an adapter on fewer layers than intended.
+    """
+    names = linear_names(model)
+    if targets == "all-linear":
+        return [n for n in names if n.split(".")[-1] != "lm_head"]
+    if isinstance(targets, str):
+        hits = [n for n in names if re.fullmatch(targets, n)]
+        if not hits:
+            raise AdapterError(f"{source}target_modules regex {targets!r} matches no linear layer of the model")
+        return hits
+    hits = []
+    leaves = sorted({n.split(".")[-1] for n in names})
+    for t in targets:
+        found = [n for n in names if n == t or n.endswith("." + t)]
+        if not found:
+            raise AdapterError(f"{source}target module {t!r} is not a linear layer of this model "
+                               f"(its linear layers are named {leaves})")
+        hits += [n for n in found if n not in hits]
+    return [n for n in names if n in hits]  # model order
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets=("q_proj", "v_proj"), use_rslora: bool = False) -> nn.Module:
+    """Wrap the target linear layers in LoRALinear and freeze everything but lora_A / lora_B."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; load or apply one adapter per model")
+    targets = targets if isinstance(targets, str) else list(targets)
+    names = match_targets(model, targets)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and "lm_head" in names:
+        raise ValueError("lm_head shares its weight with embed_tokens (tie_word_embeddings); "
+                         "merging LoRA into it would change the embeddings too, so minitune refuses to target it")
+    model.requires_grad_(False)
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """W0 <- W0 + s B A in every LoRA layer: same outputs, no extra matmuls at inference."""
+    for m in lora_layers(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """W0 <- W0 - s B A: back to the frozen base weight (exact up to float rounding)."""
+    for m in lora_layers(model).values():
+        m.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter: {"<module>.lora_A.weight": [r, in], "<module>.lora_B.weight": [out, r]}."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), each tensor once even if tied, the numbers PEFT's print_trainable_parameters gives."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module):
+    """A table of the trainable tensors, grouped by name with the layer index dropped, then PEFT's line."""
+    rows = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = re.sub(r"\.\d+\.", ".N.", name)
+            count, shape, _ = rows.get(key, (0, tuple(p.shape), 0))
+            rows[key] = (count + 1, shape, p.numel())
+    width = max([len(k) for k in rows] + [9])
+    print(f"{'parameter':<{width}}  {'layers':>6}  {'shape':>12}  {'numbers':>12}")
+    for key, (count, shape, numel) in rows.items():
+        print(f"{key:<{width}}  {count:>6}  {'x'.join(map(str, shape)):>12}  {count * numel:>12,}")
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _target_modules_for_config(model: nn.Module, names: list[str]):
+    """The shortest target_modules list that selects exactly `names`: leaf names when they do."""
+    leaves = sorted({n.split(".")[-1] for n in names})
+    return leaves if set(match_targets(model, leaves)) == set(names) else names
+
+
+def write_adapter_dir(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """adapter_config.json + adapter_model.safetensors, written into a temporary folder beside
+    `out_dir` that then replaces it, so a crash never leaves half an adapter behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
+    """Write the LoRA adapter in PEFT's layout, loadable by `peft.PeftModel.from_pretrained`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save (call apply_lora or load_adapter first)")
+    settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers with different (r, alpha, dropout, use_rslora) {sorted(settings)}: "
+                         "PEFT's config holds one setting")
+    r, alpha, dropout, use_rslora = settings.pop()
+    if any(m.merged for m in layers.values()):
+        raise ValueError("LoRA is merged into the base weights; unmerge_lora(model) before saving the adapter")
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+                  use_rslora=use_rslora, target_modules=_target_modules_for_config(model, list(layers)),
+                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  modules_to_save=None, rank_pattern={}, alpha_pattern={}, use_dora=False, lora_bias=False,
+                  base_model_name_or_path=base_model_name_or_path)
+    return write_adapter_dir(out_dir, config, {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()})
+
+
+def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
+    """(config file, config, weights file, tensors with PEFT's names) of an adapter folder."""
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, w_file):
+        if not f.exists():
+            present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+            raise AdapterError(f"{f}: not found (folder holds {present})")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
+    with safe_open(str(w_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return cfg_file, config, w_file, tensors
+
+
+# config fields minitune cannot honour: loading would silently give a different model
+UNSUPPORTED = dict(use_dora=False, lora_bias=False, fan_in_fan_out=False, modules_to_save=None, rank_pattern={},
+                   alpha_pattern={}, layers_to_transform=None, exclude_modules=None, layer_replication=None,
+                   trainable_token_indices=None, target_parameters=None, alora_invocation_tokens=None)
+
+
+def check_supported(cfg_file: Path, config: dict, fields: dict):
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_file}: bias={config['bias']!r} is not supported (minitune trains no biases)")
+    for key, ok in fields.items():
+        if config.get(key, ok) not in (ok, None, {}, [], False):
+            raise AdapterError(f"{cfg_file}: {key}={config[key]!r} is not supported by minitune")
+
+
+def split_peft_name(w_file: Path, key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A.weight')."""
+    for s in suffixes:
+        if key.startswith(PEFT_PREFIX) and key.endswith("." + s):
+            return key[len(PEFT_PREFIX):-len(s) - 1], s
+    raise AdapterError(f"{w_file}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.{{{', '.join(suffixes)}}})")
+
+
+def check_modules(model, names: list[str], by_module: dict, cfg_file: Path, w_file: Path):
+    """The adapter's tensors and the modules its config targets must be the same set: no partial loads."""
+    missing = [n for n in names if n not in by_module]
+    extra = [n for n in by_module if n not in names]
+    if missing:
+        raise AdapterError(f"{w_file}: no adapter tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                           f"which {cfg_file.name} targets")
+    if extra:
+        raise AdapterError(f"{w_file}: tensors for {extra[:4]} which {cfg_file.name}'s target_modules do not "
+                           "select in this model (adapter made for a different model?)")
+
+
+def check_shape(w_file: Path, key: str, got, want, what: str):
+    if tuple(got) != tuple(want):
+        raise AdapterError(f"{w_file}: tensor {key!r} has shape {list(got)}, but {what} needs {list(want)}")
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Apply LoRA from a PEFT adapter folder's config, then load its tensors; everything is checked
+    against the model before anything is changed. AdaLoRA folders are handed to minitune.peft.adalora."""
+    cfg_file, config, w_file, tensors = read_adapter_dir(path)
+    kind = config.get("peft_type")
+    if kind == "ADALORA":
+        from .adalora import load_adapter as load_adalora
+
+        return load_adalora(model, path)
+    if kind != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {kind!r} is not a LoRA adapter")
+    check_supported(cfg_file, config, UNSUPPORTED)
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    targets = config.get("target_modules")
+    if targets is None:
+        raise AdapterError(f"{cfg_file}: no target_modules")
+    names = match_targets(model, targets, source=f"{cfg_file}: ")
+    by_module = {}
+    for key, t in tensors.items():
+        module, kind = split_peft_name(w_file, key, ("lora_A.weight", "lora_B.weight"))
+        by_module.setdefault(module, {})[kind] = (key, t)
+    check_modules(model, names, by_module, cfg_file, w_file)
+    for name in names:
+        base = model.get_submodule(name)
+        parts = by_module[name]
+        for kind in ("lora_A.weight", "lora_B.weight"):
+            if kind not in parts:
+                raise AdapterError(f"{w_file}: {PEFT_PREFIX}{name}.{kind} is missing")
+        (ka, a), (kb, b) = parts["lora_A.weight"], parts["lora_B.weight"]
+        if a.dim() != 2 or a.shape[0] != r:
+            raise AdapterError(f"{w_file}: tensor {ka!r} has shape {list(a.shape)}, but {cfg_file.name} says r={r}")
+        check_shape(w_file, ka, a.shape, (r, base.in_features), f"{name} (in_features={base.in_features})")
+        check_shape(w_file, kb, b.shape, (base.out_features, r), f"{name} (out_features={base.out_features})")
+    apply_lora(model, r, alpha, config.get("lora_dropout", 0.0), targets, config.get("use_rslora", False))
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            layer.lora_A.weight.copy_(by_module[name]["lora_A.weight"][1])
+            layer.lora_B.weight.copy_(by_module[name]["lora_B.weight"][1])
+    return model
