@@ -42,6 +42,14 @@ def test_ids_fall_back_to_generation_config_then_config(tmp_path, bpe_spec):
     assert (tok.eos_id, tok.bos_id, tok.pad_id) == (eot, 7, 3)
 
 
+def test_null_in_tokenizer_config_means_none_even_if_generation_config_has_an_id(tmp_path, bpe_spec):
+    # Qwen2.5 writes "bos_token": null while its generation_config.json says bos_token_id 151643.
+    d = _folder(tmp_path, bpe_spec, tokenizer_config__json={"bos_token": None, "eos_token": "<|im_end|>"},
+                generation_config__json={"bos_token_id": 397, "eos_token_id": 397})
+    tok = load_tokenizer(d)
+    assert tok.bos_id is None and tok.eos_id == tok.token_to_id("<|im_end|>")
+
+
 def test_config_naming_a_token_outside_the_vocab_is_an_error(tmp_path, bpe_spec):
     d = _folder(tmp_path, bpe_spec, tokenizer_config__json={"eos_token": "<|nope|>"})
     with pytest.raises(TokenizerFileError, match="<\\|nope\\|>"):

@@ -10,8 +10,9 @@ Two kinds of files cover the models minitune loads:
 Both sit behind one small class, :class:`Tokenizer`. ``load_tokenizer(path)``
 picks the kind from the files in the folder, and reads the BOS/EOS/PAD tokens
 the way transformers does: ``tokenizer_config.json`` first (``eos_token`` etc.,
-a string or an AddedToken dict), then ``special_tokens_map.json``, then the ids
-in ``generation_config.json`` and ``config.json``.
+a string or an AddedToken dict; an explicit null means "none"), then
+``special_tokens_map.json``, and only for a token named nowhere the ids in
+``generation_config.json`` and ``config.json`` (a list there gives its first id).
 """
 from __future__ import annotations
 
@@ -176,7 +177,11 @@ def _resolve_special_ids(folder: Path, config: dict, backend) -> dict[str, int |
             i = backend.token_to_id(text)
             if i is None:
                 raise TokenizerFileError(f"{folder}: {key} {text!r} is not in the vocabulary")
-        else:  # not named (or null): the ids that generation uses, as transformers' generate() does
+        elif key in config:
+            # Written as null on purpose (Qwen: "bos_token": null). transformers then has no such
+            # token either, even if generation_config.json lists an id for it.
+            i = None
+        else:  # not named at all: the ids that generation uses, as transformers' generate() does
             i = _first_id(generation.get(f"{role}_token_id"))
             if i is None:
                 i = _first_id(model_config.get(f"{role}_token_id"))
