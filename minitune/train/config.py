@@ -1,0 +1,233 @@
+"""The training config: every knob of a run, under the names LLaMA-Factory gives them.
+
+A reader of the LLaMA-Factory tutorials writes
+
+    stage: sft
+    finetuning_type: full
+    learning_rate: 1.0e-4
+    per_device_train_batch_size: 4
+    ...
+
+and minitune reads the same file. Three sources, later ones win:
+
+    dataclass defaults  <  config file (.json, or the `key: value` subset of YAML)  <  --flags
+
+We parse the YAML subset by hand (scalars, `[a, b]` lists, `- item` lists, `#` comments) so
+there is no PyYAML dependency. Every value is checked against the field's type, and a mistake
+stops the run before any model is loaded, with the file and key in the message.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
+FINETUNING_TYPES = ("full", "freeze", "lora", "qlora")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+class TrainConfigError(ValueError):
+    """A config file or flag minitune cannot use; the message names the source and the key."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    stage: str = "sft"  # training stage: sft (later: rm, ppo, dpo)
+    finetuning_type: str = "full"  # which weights train: full (later: lora, qlora)
+    model_name_or_path: str | None = None  # checkpoint folder (config.json + safetensors + tokenizer)
+    dataset: str | list[str] | None = None  # data file(s): JSON/JSONL in Alpaca, ShareGPT or OpenAI format
+    template: str = "chatml"  # chat template name, see minitune.data.TEMPLATES
+    cutoff_len: int = 1024  # longer examples are cut to this many tokens
+    val_size: float = 0.0  # held-out fraction (< 1) or count for the evaluation loss
+    # optimisation
+    learning_rate: float = 5e-5  # peak learning rate of AdamW
+    num_train_epochs: float = 3.0  # passes over the training data
+    max_steps: int | None = None  # if set, the number of optimizer steps (overrides num_train_epochs)
+    per_device_train_batch_size: int = 8  # examples per forward pass on each device
+    gradient_accumulation_steps: int = 1  # forward passes summed into one optimizer step
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_ratio: float = 0.0  # fraction of the steps spent ramping the learning rate up from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (never on norms and biases)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    # precision
+    bf16: bool = False  # autocast matmuls to bfloat16
+    fp16: bool = False  # autocast to float16 with a dynamic loss scaler
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10  # write a trainer_log.jsonl line every N steps
+    eval_steps: int | None = None  # evaluation loss every N steps (None: only at the end)
+    save_steps: int = 500  # checkpoint-{step}/ every N steps (0: none)
+    plot_loss: bool = False  # write training_loss.png into output_dir
+    output_dir: str | None = None  # where checkpoints, the log and the final model go
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    seed: int = 42  # seeds python, numpy and torch; also the data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, source: str = "TrainConfig"):
+        def bad(key, msg):
+            raise TrainConfigError(f"{source}: {key}: {msg}")
+
+        for key, allowed in (("stage", STAGES), ("finetuning_type", FINETUNING_TYPES),
+                             ("lr_scheduler_type", SCHEDULERS)):
+            if getattr(self, key) not in allowed:
+                bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.bf16 and self.fp16:
+            bad("bf16", "bf16 and fp16 are both true; pick one mixed-precision dtype")
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be >= 1 (or unset), got {self.max_steps}")
+        if (self.plot_loss or self.resume) and not self.output_dir:
+            bad("output_dir", "plot_loss and resume need an output_dir")
+
+    @property
+    def datasets(self) -> list[str]:
+        """`dataset` as a list: LLaMA-Factory writes several as one comma-separated string."""
+        if self.dataset is None:
+            return []
+        items = self.dataset if isinstance(self.dataset, list) else self.dataset.split(",")
+        return [d.strip() for d in items if d.strip()]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# ----------------------------------------------------------------------------- values and types
+
+
+def parse_scalar(text: str):
+    """One YAML-subset scalar: null/true/false, int, float, quoted or bare string, [a, b] list."""
+    text = text.strip()
+    if text[:1] == "[" and text[-1:] == "]":
+        return [parse_scalar(t) for t in text[1:-1].split(",") if t.strip()]
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    low = text.lower()
+    if low in ("null", "none", "~", ""):
+        return None
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def coerce(key: str, value, source: str):
+    """Check `value` against the annotation of field `key`; convert what is safe (1 -> 1.0)."""
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
+        raise TrainConfigError(f"{source}: unknown key {key!r}{hint}")
+    hint = FIELDS[key].type
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise TrainConfigError(f"{source}: {key} must not be null")
+    if isinstance(value, str) and str not in options:  # a flag on the command line is always a string
+        value = parse_scalar(value)
+    for want in options:
+        if want is bool and isinstance(value, bool):
+            return value
+        if want is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if want is str and isinstance(value, str):
+            return value
+        if typing.get_origin(want) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
+    raise TrainConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+# ----------------------------------------------------------------------------- files and flags
+
+
+def parse_yaml_subset(text: str, source: str) -> dict:
+    """`key: value` lines, `# comments`, and block lists (`key:` then `  - item` lines)."""
+    out, list_key = {}, None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("- ") and list_key is not None:
+            out[list_key].append(parse_scalar(line.lstrip()[2:]))
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or line[0].isspace() or not key.strip():
+            raise TrainConfigError(f"{source}:{n}: expected `key: value`, got {raw.strip()!r} "
+                                   "(minitune reads a flat key: value subset of YAML)")
+        key = key.strip()
+        if value.strip():
+            out[key], list_key = parse_scalar(value), None
+        else:
+            out[key], list_key = [], key  # a block list follows (or an empty value)
+    return {k: (None if v == [] else v) for k, v in out.items()}
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: config file not found") from None
+    if path.suffix == ".json" or text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: expected a JSON object of key: value pairs")
+        return data
+    return parse_yaml_subset(text, str(path))
+
+
+def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the file at `path`, then `overrides` ({key: value or flag string})."""
+    values, sources = {}, {}
+    if path is not None:
+        for key, value in read_config_file(path).items():
+            values[key], sources[key] = coerce(key, value, str(path)), str(path)
+    for key, value in (overrides or {}).items():
+        values[key], sources[key] = coerce(key, value, f"command line (--{key})"), f"command line (--{key})"
+    cfg = TrainConfig.__new__(TrainConfig)  # fill first, then validate with the right source named
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        setattr(cfg, name, values.get(name, default))
+    try:
+        cfg.validate("config")
+    except TrainConfigError as e:
+        key = str(e).split(": ")[1]
+        where = sources.get(key) or (sources.get("fp16") if key == "bf16" else None) or "defaults"
+        raise TrainConfigError(str(e).replace("config:", f"{where}:", 1)) from None
+    return cfg
+
+
+def flag_help() -> dict[str, str]:
+    """field -> its comment in the class body above, for `minitune train --help`."""
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name in FIELDS and "#" in rest:
+            helps[name] = rest.split("#", 1)[1].strip()
+    return helps

@@ -1,0 +1,276 @@
+"""The training loop, for every stage: SFT here; reward modelling and DPO reuse it via `loss_fn`.
+
+One optimizer step:
+
+    for each of A micro-batches (B examples each, this process's share of the global batch):
+        loss_i, n_i = loss_fn(model, batch)        # mean over n_i trainable tokens
+        backward(loss_i * n_i)                      # gradient of the *sum* over its tokens
+    all processes: N = sum of all n_i;  grad *= W / N   (DDP already averaged over the W processes)
+    clip ||grad|| to max_grad_norm;  AdamW step;  scheduler step
+
+so the gradient is that of the mean loss over all N trainable tokens of the global batch: A
+micro-batches of B on W processes give the same step as one batch of A * B * W examples, even
+when examples differ in length. (Averaging per-micro-batch means instead would weight a token
+of a short batch more than one of a long batch.)
+
+Mixed precision: `bf16` runs matmuls in bfloat16 under autocast while the weights, gradients
+and AdamW states stay fp32. `fp16` does the same in float16, whose narrow range would flush
+small gradients to zero, so the loss is multiplied by a large scale before backward and the
+gradients divided by it afterwards (Micikevicius et al. 2018); when the scaled gradients
+overflow the scaler skips that step and halves the scale, which we report.
+"""
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed as dist
+from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .optim import make_optimizer
+from .schedule import make_scheduler
+
+IGNORE_INDEX = -100
+LOG_FILE, PLOT_FILE = "trainer_log.jsonl", "training_loss.png"
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: logits at position t predict labels at t + 1; -100 is skipped.
+
+    Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
+    """
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
+    logits = logits[:, :-1].float()  # [B, T-1, V]: the last position has nothing to predict
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    n = (labels != IGNORE_INDEX).sum()
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / n.clamp(min=1), n
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss (steps run by this call)
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    skipped_steps: list[int] = field(default_factory=list)  # fp16 steps the loss scaler skipped
+    runtime_s: float = 0.0
+    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated on GPU
+    memory_estimate: object = None
+    log_path: Path | None = None
+    plot_path: Path | None = None
+    last_checkpoint: Path | None = None
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed
+    run and every DDP process compute the same one without being told."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> float:
+    """Token-weighted mean loss over `data` (each process takes its share; sums are all-reduced)."""
+    was_training = model.training
+    model.eval()
+    rank, size = dist.world()
+    mine = dist.shard(list(range(len(data))), rank, size)
+    loss_sum, count = 0.0, 0.0
+    for i in range(0, len(mine), batch_size):
+        with autocast():
+            loss, n = loss_fn(model, _to(collate([data[j] for j in mine[i:i + batch_size]]), device))
+        loss_sum, count = loss_sum + float(loss) * float(n), count + float(n)
+    loss_sum, count = dist.all_reduce_sum([loss_sum, count], device)
+    model.train(was_training)
+    return loss_sum / max(count, 1.0)
+
+
+def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
+    from ..memory import estimate_memory  # lazily: memory.py imports the model package
+
+    if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
+        return None
+    seq_len = min(cfg.cutoff_len, max(len(f.get("input_ids", ())) for f in train_data) or 1)
+    dtype = next(model.parameters()).dtype
+    method = cfg.finetuning_type if cfg.finetuning_type in ("full", "lora", "qlora") else "full"
+    est = estimate_memory(model.config, method=method, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
+                          seq_len=seq_len, autocast=cfg.bf16 or cfg.fp16)
+    tqdm.write(str(est))
+    return est
+
+
+def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = None, collate=None,
+          loss_fn=None, tokenizer=None) -> TrainResult:
+    """Train the parameters of `model` that have requires_grad; see the module docstring.
+
+    train_data / val_data: lists of features (dicts) that `collate(list) -> dict of tensors` batches
+    (default: minitune.data.PaddingCollator). loss_fn(model, batch) -> (mean loss, count) defaults to
+    `causal_lm_loss`; it must call `model(...)` (under DDP, the wrapper's forward syncs gradients).
+    tokenizer: saved into full-model checkpoints so they load with minitune.load_pretrained.
+    """
+    device = dist.setup(cfg.device)
+    rank, world_size = dist.world()
+    main = rank == 0
+    seed_everything(cfg.seed)
+    model.to(device).train()
+    loss_fn = loss_fn or causal_lm_loss
+    if collate is None:
+        from ..data import PaddingCollator
+        collate = PaddingCollator(tokenizer, pad_id=None if tokenizer is not None else 0)
+
+    B, A = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    global_batch = B * A * world_size
+    if len(train_data) < global_batch:
+        raise ValueError(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
+                         f"(per_device_train_batch_size {B} x gradient_accumulation_steps {A} x {world_size} processes)")
+    # the last incomplete global batch of each epoch is dropped: every step sees the same number of
+    # examples and every process has work (a process with none would hang DDP's all-reduce)
+    steps_per_epoch = len(train_data) // global_batch
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+
+    amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    result = TrainResult(global_step=0)
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    step = 0
+    if cfg.resume:
+        ckpt = last_checkpoint(out)
+        if ckpt is None:
+            tqdm.write(f"resume: no checkpoint in {out}, starting from step 0")
+        else:
+            info = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+            step = info["global_step"]
+            if info.get("steps_per_epoch") != steps_per_epoch:
+                tqdm.write(f"resume: warning, {ckpt} had {info.get('steps_per_epoch')} steps per epoch, now "
+                           f"{steps_per_epoch} (data or batch size changed); the data order will differ")
+            tqdm.write(f"resume: continuing from {ckpt} at step {step}")
+    log_file = None
+    if main and out:
+        out.mkdir(parents=True, exist_ok=True)
+        result.log_path = out / LOG_FILE
+        kept = []
+        if step and result.log_path.exists():  # keep the history up to the checkpoint, drop what came after
+            kept = [ln for ln in result.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_file = open(result.log_path, "w")
+        log_file.writelines(ln + "\n" for ln in kept)
+    if main:
+        result.memory_estimate = _print_memory_estimate(model, cfg, train_data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def log(record: dict):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    pbar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    window, tokens, t_last, t_start = [], 0.0, time.perf_counter(), time.perf_counter()
+    try:
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            chunk = epoch_order(len(train_data), cfg.seed, epoch)[pos * global_batch:(pos + 1) * global_batch]
+            mine = dist.shard(chunk, rank, world_size)  # [B * A] example indices for this process
+            loss_sum, n_sum, n_inputs = 0.0, 0.0, 0.0
+            for i in range(A):
+                batch = _to(collate([train_data[j] for j in mine[i * B:(i + 1) * B]]), device)
+                last = i == A - 1
+                with net.no_sync() if world_size > 1 and not last else nullcontext():
+                    with autocast():
+                        loss, n = loss_fn(net, batch)
+                    scaler.scale(loss.float() * n).backward()
+                loss_sum, n_sum = loss_sum + float(loss.detach()) * float(n), n_sum + float(n)
+                n_inputs += float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
+            loss_sum, n_sum, n_inputs = dist.all_reduce_sum([loss_sum, n_sum, n_inputs], device)
+            step += 1
+            step_loss = loss_sum / max(n_sum, 1.0)
+
+            scaler.unscale_(optimizer)
+            for p in params:  # from the gradient of the token sum to that of the global mean
+                if p.grad is not None:
+                    p.grad.mul_(world_size / max(n_sum, 1.0))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            if not cfg.fp16 and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
+                raise FloatingPointError(
+                    f"step {step}: the training {what}; stopping. Try a lower learning_rate, check the data, "
+                    f"or train in bf16 rather than fp16 (last checkpoint: {result.last_checkpoint})")
+            lr = optimizer.param_groups[0]["lr"]
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.fp16 and scaler.get_scale() < scale:
+                result.skipped_steps.append(step)
+                msg = (f"step {step}: fp16 loss scaler skipped the update (inf/NaN gradients, loss {step_loss}); "
+                       f"loss scale {scale:g} -> {scaler.get_scale():g}")
+                if main:
+                    tqdm.write(msg)
+                log({"step": step, "skipped": True, "message": msg})
+
+            result.losses[step], result.global_step = step_loss, step
+            if math.isfinite(step_loss):
+                window.append(step_loss)
+            tokens += n_inputs
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.logging_steps == 0 or step == total:
+                now = time.perf_counter()
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                     "loss": sum(window) / len(window) if window else step_loss, "lr": lr,
+                     "grad_norm": grad_norm, "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)})
+                window, tokens, t_last = [], 0.0, now
+            if val_data and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
+                eval_loss = evaluate(model, val_data, collate, loss_fn, B, device, autocast)
+                result.eval_losses[step] = eval_loss
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})
+                if main:
+                    tqdm.write(f"step {step}: eval_loss {eval_loss:.4f}")
+            if out and cfg.save_steps and step % cfg.save_steps == 0 and main:
+                result.last_checkpoint = save_checkpoint(
+                    out, step, model, tokenizer, optimizer, scheduler, scaler,
+                    {"epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed})
+    finally:
+        pbar.close()
+        if log_file:
+            log_file.close()
+
+    result.runtime_s = time.perf_counter() - t_start
+    if device.type == "cuda":
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+        if main:
+            est = result.memory_estimate
+            tqdm.write(f"peak GPU memory allocated: {result.peak_memory_bytes / 1e9:.2f} GB"
+                       + (f" (estimated {est.total / 1e9:.2f} GB)" if est else ""))
+    if main and out and cfg.plot_loss:
+        from .plot import plot_log
+
+        result.plot_path = plot_log(result.log_path, out / PLOT_FILE)
+    return result
