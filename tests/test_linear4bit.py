@@ -80,6 +80,17 @@ def test_layer_holds_packed_buffers_and_no_float_weight():
     assert layer.weight_nbytes() < 96 * 40  # well under 1 byte per weight (incl. the 8-bit map)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_casting_the_model_keeps_the_scales_in_float32(double_quant):
+    layer = Linear4bit.from_linear(linear(), double_quant=double_quant)
+    w = layer.dequantize(torch.float32)
+    dtypes = {n: b.dtype for n, b in layer.named_buffers()}
+    layer.to(torch.bfloat16)
+    assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(torch.float32), w)
+
+
 def test_state_dict_round_trip_reproduces_outputs():
     a = Linear4bit.from_linear(linear(seed=1))
     b = Linear4bit.from_linear(linear(seed=2))

@@ -88,6 +88,17 @@ class Linear4bit(nn.Module):
         q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, linear.bias, compute_dtype or linear.weight.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() casts every floating buffer; the float32
+        # scales must not lose bits, so undo a dtype change (device moves still apply).
+        before = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     @property
     def double_quant(self) -> bool:
         return self.weight_absmax2 is not None

@@ -198,6 +198,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     absmax = _blockwise_absmax(x, blocksize)
     # Normalise to [-1, 1]: multiply by the reciprocal like the CUDA kernel does;
     # the clamp keeps an all-zero block finite (0 * 1e38 = 0 -> code 0.0).
+    # (bitsandbytes' portable CPU op divides in the last, partial block instead;
+    # the two can differ by an ulp, which changes a code only on an exact midpoint.)
     inv = 1.0 / absmax.clamp(min=1e-38)
     scaled = (x * _per_element(inv, blocksize, n)).clamp(-1, 1)
     # Nearest level = the interval between consecutive midpoints that holds x.
