@@ -131,6 +131,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     """Wrap the target linear layers in LoRALinear and freeze everything but lora_A / lora_B."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; load or apply one adapter per model")
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
     targets = targets if isinstance(targets, str) else list(targets)
     names = match_targets(model, targets)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -221,6 +223,10 @@ def write_adapter_dir(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
     """Write the LoRA adapter in PEFT's layout, loadable by `peft.PeftModel.from_pretrained`."""
     layers = lora_layers(model)
+    if not layers and hasattr(model, "adalora_config"):
+        from .adalora import save_adapter as save_adalora
+
+        return save_adalora(model, out_dir, base_model_name_or_path)
     if not layers:
         raise ValueError("the model has no LoRA layers to save (call apply_lora or load_adapter first)")
     settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in layers.values()}
