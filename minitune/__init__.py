@@ -10,13 +10,7 @@ from pathlib import Path
 
 from .generation import generate
 from .model import ModelConfig, Transformer, load_model, save_pretrained
-
-
-def load_tokenizer(path):
-    """The tokenizer of a checkpoint folder (tokenizer.json or tokenizer.model), see minitune.tokenizer."""
-    from .tokenizer import load_tokenizer as _load
-
-    return _load(path)
+from .tokenizer import load_tokenizer
 
 
 def load_pretrained(path, device="cpu", dtype=None):

@@ -89,3 +89,21 @@ def test_load_casts_to_requested_dtype(tmp_path):
     ids = torch.randint(0, 320, (1, 16))
     with torch.no_grad():
         assert rel_error(model(ids), ref(ids).logits) < REL_TOL
+
+
+def test_load_pretrained_returns_the_tokenizer_and_save_writes_it_back(tmp_path):
+    from minitune.tokenizer.bpe_trainer import train_bpe
+
+    write_checkpoint("qwen2", tmp_path / "src")
+    corpus = ["hello world, this is minitune.", "你好，世界", "def f(x):\n    return x + 1"] * 20
+    train_bpe(corpus, vocab_size=300, special_tokens=["<|endoftext|>"], eos_token="<|endoftext|>").save(tmp_path / "src")
+    model, tok = minitune.load_pretrained(tmp_path / "src")
+    assert tok is not None and tok.eos_id == tok.token_to_id("<|endoftext|>")
+    minitune.save_pretrained(model, tok, tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "hello 世界<|endoftext|> return x"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    ids = torch.tensor([tok.encode("hello world")])
+    out = minitune.generate(model, ids, max_new_tokens=8)
+    ref = hf_load(tmp_path / "out").generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert hf_tok.decode(ref[0]) == tok.decode(out[0])
