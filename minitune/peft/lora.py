@@ -84,10 +84,11 @@ class LoRALinear(nn.Module):
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Every adaptable linear layer: plain nn.Linear, or one already wrapped (named as before wrapping)."""
+    """Every adaptable linear layer: plain nn.Linear, or one already wrapped by LoRA / AdaLoRA
+    (a module with a `base_layer`), under its name from before the wrapping."""
     inner = (".base_layer", ".lora_A", ".lora_B")
     return [n for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not n.endswith(inner))]
+            if hasattr(m, "base_layer") or (isinstance(m, nn.Linear) and not n.endswith(inner))]
 
 
 def match_targets(model: nn.Module, targets, *, source: str = "") -> list[str]:
