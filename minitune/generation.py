@@ -16,19 +16,23 @@ from .model.kv_cache import KVCache
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row, set the rest to -inf."""
+    # BEGIN EXERCISE 03.3: top_k_filter
     kth = torch.topk(logits, min(k, logits.shape[-1])).values[:, -1:]  # [B, 1]
     return logits.masked_fill(logits < kth, float("-inf"))
+    # END EXERCISE
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose probability
     reaches p. Sorted ascending, a token is dropped when the mass *below and at* it is <= 1 - p;
     the most likely token always stays."""
+    # BEGIN EXERCISE 03.1: top_p_filter (nucleus sampling)
     sorted_logits, order = torch.sort(logits, descending=False)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop = cum <= 1 - p
     drop[:, -1] = False
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    # END EXERCISE
 
 
 def next_token(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:

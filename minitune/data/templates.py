@@ -76,6 +76,7 @@ class Template:
         reply, exactly like the ``add_generation_prompt`` flag of HF chat templates.
         """
         check_roles(messages)
+        # BEGIN EXERCISE 01.3: render a conversation into (text, trainable) segments
         clean = (lambda s: s.strip()) if self.trim else (lambda s: s)
         system, turns = split_system(messages)
         if system is None:
@@ -106,6 +107,7 @@ class Template:
         if prompt:
             segs.append((prompt, False))
         return [(text, trainable) for text, trainable in segs if text]
+        # END EXERCISE
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
                bos_text: str | None = None, eos_text: str | None = None) -> str:

@@ -47,6 +47,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, d] by the angles in cos/sin [B, T, d]."""
+    # BEGIN EXERCISE 02.2: apply_rope
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # END EXERCISE

@@ -32,10 +32,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        # BEGIN EXERCISE 02.1: RMSNorm forward
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+        # END EXERCISE
 
 
 class Attention(nn.Module):
@@ -68,8 +70,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, kv_heads, past + T, d]
+        # BEGIN EXERCISE 02.3: grouped-query attention
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
+        # END EXERCISE
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -83,7 +87,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
+        # BEGIN EXERCISE 02.4: the SwiGLU feed-forward
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # END EXERCISE
 
 
 class Block(nn.Module):

@@ -239,9 +239,11 @@ def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize to float32/float16/bfloat16, not {dtype}")
+    # BEGIN EXERCISE 09.1: NF4 dequantize
     values = NF4_CODE.to(q.device)[unpack_indices(q)]
     scales = _per_element(dequantize_scales(q), q.blocksize, q.numel)
     return (values * scales).to(dtype).view(q.shape)
+    # END EXERCISE
 
 
 def nbytes(q: NF4Tensor) -> int:

@@ -57,6 +57,7 @@ def dpo_loss(
     if label_smoothing > 0 and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing is defined for loss_type='sigmoid' only, not {loss_type!r}")
 
+    # BEGIN EXERCISE 12.1: the DPO loss
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B] log pi/pi_ref on y_w
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B] ... on y_l
     margin = chosen_logratios - rejected_logratios  # [B] the unscaled m
@@ -68,6 +69,7 @@ def dpo_loss(
         losses = (margin - 1 / (2 * beta)) ** 2
     else:  # hinge
         losses = torch.relu(1 - beta * margin)
+    # END EXERCISE
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()

@@ -42,10 +42,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be [n_prompts * group_size], got {tuple(rewards.shape)} with group_size {group_size}")
+    # BEGIN EXERCISE 13.1: group-normalised advantages
     grouped = rewards.view(-1, group_size).to(torch.float32)  # [n_prompts, G]
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
     return ((grouped - mean) / (std + eps)).view(-1)
+    # END EXERCISE
 
 
 def grpo_loss(
@@ -62,6 +64,7 @@ def grpo_loss(
     logp, old_logp, ref_logp, mask: [B, T] over response tokens; advantages: [B] (one per
     response).  mean_kl and clip_frac are detached token means over real tokens, for logging.
     """
+    # BEGIN EXERCISE 13.2: the GRPO loss
     mask_f = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]: broadcast to every token
     ratio = torch.exp(logp - old_logp)  # [B, T]
@@ -80,6 +83,7 @@ def grpo_loss(
         mean_kl = masked_mean(kl, mask_f)
         clip_frac = masked_mean((surr_clipped < surr_unclipped).to(logp.dtype), mask_f)
     return loss, mean_kl, clip_frac
+    # END EXERCISE
 
 
 _PROBLEM = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=")

@@ -154,6 +154,7 @@ def compute_gae(
     value is 0 and nothing flows back from padding.  returns = advantages + values.
     Padding positions are 0 in both outputs.  No gradient: these are targets.
     """
+    # BEGIN EXERCISE 11.1: generalized advantage estimation (GAE)
     mask_f = mask.to(values.dtype)
     B, T = values.shape
     advantages = torch.zeros_like(values)
@@ -169,6 +170,7 @@ def compute_gae(
         next_adv = adv
     returns = (advantages + values) * mask_f
     return advantages, returns
+    # END EXERCISE
 
 
 # ---------------------------------------------------------------------------

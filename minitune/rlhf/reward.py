@@ -48,11 +48,13 @@ def pairwise_loss(
     """
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape")
+    # BEGIN EXERCISE 10.1: the pairwise (Bradley-Terry) reward loss
     diff = chosen - rejected  # [B]
     if margin is not None:
         diff = diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
     # logsigmoid(x) = -softplus(-x): stable for large |x|, where log(sigmoid(x)) gives -inf.
     return -F.logsigmoid(diff).mean()
+    # END EXERCISE
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ def bytes_to_unicode() -> dict[int, str]:
     point; the other 68 (controls, space, 0x7F-0xA0, 0xAD) are moved to 256+n
     so that no token string contains whitespace or invisible characters.
     """
+    # BEGIN EXERCISE 01.2: the byte-to-unicode table
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, shifted = {}, 0
     for b in range(256):
@@ -49,6 +50,7 @@ def bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + shifted)
             shifted += 1
     return table
+    # END EXERCISE
 
 
 _NEVER = float("inf")
@@ -190,6 +192,7 @@ class ByteLevelBPE:
         """Merge one pre-token (already byte-mapped) into token ids."""
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
+        # BEGIN EXERCISE 01.1: the BPE merge loop
         parts = list(word)
         while len(parts) > 1:
             # The learned-earliest pair among the neighbours (a pair never learned ranks last).
@@ -210,6 +213,7 @@ class ByteLevelBPE:
                     merged.append(parts[i])
                     i += 1
             parts = merged
+        # END EXERCISE
         ids = []
         for p in parts:
             if p in self.vocab:
