@@ -89,8 +89,9 @@ class TrainConfig:
             bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", f"must be >= 1 (or unset), got {self.max_steps}")
-        if (self.plot_loss or self.resume) and not self.output_dir:
-            bad("output_dir", "plot_loss and resume need an output_dir")
+        for key in ("plot_loss", "resume"):
+            if getattr(self, key) and not self.output_dir:
+                bad(key, "needs an output_dir (where the picture / the checkpoints are)")
 
     @property
     def datasets(self) -> list[str]:

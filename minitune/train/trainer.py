@@ -2,10 +2,10 @@
 
 One optimizer step:
 
+    N = trainable tokens in the whole global batch (counted from the labels on all W processes)
     for each of A micro-batches (B examples each, this process's share of the global batch):
-        loss_i, n_i = loss_fn(model, batch)        # mean over n_i trainable tokens
-        backward(loss_i * n_i)                      # gradient of the *sum* over its tokens
-    all processes: N = sum of all n_i;  grad *= W / N   (DDP already averaged over the W processes)
+        loss_i, n_i = loss_fn(model, batch)        # mean over its n_i trainable tokens
+        backward(loss_i * n_i / N * W)             # DDP then averages over the W processes
     clip ||grad|| to max_grad_norm;  AdamW step;  scheduler step
 
 so the gradient is that of the mean loss over all N trainable tokens of the global batch: A
@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,14 @@ from .schedule import make_scheduler
 
 IGNORE_INDEX = -100
 LOG_FILE, PLOT_FILE = "trainer_log.jsonl", "training_loss.png"
+
+
+def count_targets(batch: dict) -> int:
+    """What a loss averages over, known before the forward pass: trainable next-token labels
+    when the batch has labels, else its rows (e.g. the pairs of a preference batch)."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return len(next(iter(batch.values())))
 
 
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +128,13 @@ def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
 
 
 def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = None, collate=None,
-          loss_fn=None, tokenizer=None) -> TrainResult:
+          loss_fn=None, tokenizer=None, count_fn=None) -> TrainResult:
     """Train the parameters of `model` that have requires_grad; see the module docstring.
 
     train_data / val_data: lists of features (dicts) that `collate(list) -> dict of tensors` batches
     (default: minitune.data.PaddingCollator). loss_fn(model, batch) -> (mean loss, count) defaults to
     `causal_lm_loss`; it must call `model(...)` (under DDP, the wrapper's forward syncs gradients).
+    count_fn(batch) -> int gives that count before the forward pass (default `count_targets`).
     tokenizer: saved into full-model checkpoints so they load with minitune.load_pretrained.
     """
     device = dist.setup(cfg.device)
@@ -132,7 +142,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     main = rank == 0
     seed_everything(cfg.seed)
     model.to(device).train()
-    loss_fn = loss_fn or causal_lm_loss
+    loss_fn, count_fn = loss_fn or causal_lm_loss, count_fn or count_targets
     if collate is None:
         from ..data import PaddingCollator
         collate = PaddingCollator(tokenizer, pad_id=None if tokenizer is not None else 0)
@@ -152,7 +162,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # only what requires grad
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -197,24 +207,26 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             epoch, pos = divmod(step, steps_per_epoch)
             chunk = epoch_order(len(train_data), cfg.seed, epoch)[pos * global_batch:(pos + 1) * global_batch]
             mine = dist.shard(chunk, rank, world_size)  # [B * A] example indices for this process
-            loss_sum, n_sum, n_inputs = 0.0, 0.0, 0.0
-            for i in range(A):
-                batch = _to(collate([train_data[j] for j in mine[i * B:(i + 1) * B]]), device)
+            batches = [collate([train_data[j] for j in mine[i * B:(i + 1) * B]]) for i in range(A)]
+            counts = [int(count_fn(b)) for b in batches]
+            n_inputs = sum(float(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+            n_total, n_inputs = dist.all_reduce_sum([float(sum(counts)), n_inputs], device)
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
                 last = i == A - 1
                 with net.no_sync() if world_size > 1 and not last else nullcontext():
                     with autocast():
-                        loss, n = loss_fn(net, batch)
-                    scaler.scale(loss.float() * n).backward()
-                loss_sum, n_sum = loss_sum + float(loss.detach()) * float(n), n_sum + float(n)
-                n_inputs += float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
-            loss_sum, n_sum, n_inputs = dist.all_reduce_sum([loss_sum, n_sum, n_inputs], device)
+                        loss, n = loss_fn(net, _to(batch, device))
+                    if int(n) != counts[i]:
+                        raise ValueError(f"loss_fn counted {int(n)} items in a batch where count_fn counted "
+                                         f"{counts[i]}; pass a count_fn that matches the loss")
+                    # weight n_i / N, times W because DDP averages the W processes' gradients
+                    scaler.scale(loss.float() * (n * world_size / max(n_total, 1.0))).backward()
+                loss_sum += float(loss.detach()) * counts[i]
             step += 1
-            step_loss = loss_sum / max(n_sum, 1.0)
+            step_loss = dist.all_reduce_sum([loss_sum], device)[0] / max(n_total, 1.0)
 
             scaler.unscale_(optimizer)
-            for p in params:  # from the gradient of the token sum to that of the global mean
-                if p.grad is not None:
-                    p.grad.mul_(world_size / max(n_sum, 1.0))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
             if not cfg.fp16 and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
@@ -225,7 +237,9 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            with warnings.catch_warnings():  # after an fp16 skip torch warns that optimizer.step did not run
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()  # a skipped step still counts, so the schedule stays on the step count
             optimizer.zero_grad(set_to_none=True)
             if cfg.fp16 and scaler.get_scale() < scale:
                 result.skipped_steps.append(step)
