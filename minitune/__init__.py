@@ -13,12 +13,13 @@ from .model import ModelConfig, Transformer, load_model, save_pretrained
 from .tokenizer import load_tokenizer
 
 
-def load_pretrained(path, device="cpu", dtype=None):
+def load_pretrained(path, device="cpu", dtype=None, quantize=None):
     """(model, tokenizer) from a Hugging Face checkpoint folder; dtype=None keeps the checkpoint's.
 
-    The tokenizer is None when the folder has no tokenizer files.
+    quantize="nf4" loads the linear layers straight into NF4 (QLoRA). The tokenizer is None when
+    the folder has no tokenizer files.
     """
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype, quantize=quantize)
     has_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     return model, (load_tokenizer(path) if has_tokenizer else None)
 

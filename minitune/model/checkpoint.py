@@ -100,11 +100,27 @@ def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | str | None = None) -> Transformer:
+def _quantize_linear(model: nn.Module, key: str, blocksize: int = 64):
+    """QLoRA loading: swap the nn.Linear owning `key` for a 4-bit layer as soon as its weight
+    arrives, so at most one layer is ever held in 16 bits (lesson 09)."""
+    from ..quant import Linear4bit
+
+    module_name = key.rpartition(".")[0]
+    parent_name, _, child = module_name.rpartition(".")
+    layer = model.get_submodule(module_name)
+    if key.endswith(".weight") and isinstance(layer, nn.Linear) and module_name != "lm_head":
+        setattr(model.get_submodule(parent_name), child, Linear4bit.from_linear(layer, blocksize, double_quant=True))
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | str | None = None, quantize: str | None = None) -> Transformer:
     """Build the Transformer described by path/config.json and fill it from the safetensors files.
 
     dtype=None keeps the checkpoint's dtype (config `torch_dtype`/`dtype`, else the stored tensors').
+    quantize="nf4" stores every linear layer but the LM head in NF4 with double quantization
+    while loading (QLoRA's frozen base); dtype is then the compute dtype.
     """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: only None or 'nf4' are supported")
     path = Path(path)
     cfg = ModelConfig.from_file(path / "config.json")
     files = weight_files(path)
@@ -131,6 +147,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | str | None = None) -> Tr
                 dtype = dtype or t.dtype
                 _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
                 loaded.add(key)
+                if quantize:
+                    _quantize_linear(model, key)
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} tensors the {cfg.architecture} model has no place for, "
                               f"e.g. {unexpected[:5]} (does config.json match the weights?)")
@@ -141,6 +159,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | str | None = None) -> Tr
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing from {[f.name for f in files]}, "
                               f"e.g. {missing[:5]} with shapes {[expected[m] for m in missing[:5]]}")
+    if quantize:
+        model.requires_grad_(False)  # a quantized base is frozen; adapters bring their own parameters
     model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.config.torch_dtype = str(dtype).replace("torch.", "")
     return model.eval()
@@ -165,6 +185,9 @@ def save_pretrained(model: Transformer, tokenizer, out_dir, max_shard_size: int 
     """
     out_dir = Path(out_dir)
     cfg = model.config
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ValueError("save_pretrained: the model holds 4-bit layers; merge/dequantize them to a "
+                         "16-bit model first (minitune.quant.dequantize_model), transformers cannot read NF4 buffers")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")  # safetensors refuses shared tensors; the config re-ties them

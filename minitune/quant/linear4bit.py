@@ -154,3 +154,20 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
         setattr(parent, child_name,
                 Linear4bit.from_linear(child, blocksize, double_quant, compute_dtype))
     return model
+
+
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The inverse swap: every Linear4bit becomes an nn.Linear holding dequant(W) in `dtype`
+    (default: the dtype the weight had), e.g. to save a QLoRA result as a plain 16-bit checkpoint.
+    The weights are the 4-bit approximation, not the original ones."""
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, Linear4bit)]
+    for parent, name, q in targets:
+        w = q.dequantize(dtype)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        setattr(parent, name, linear)
+    return model
