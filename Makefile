@@ -17,6 +17,9 @@ help:  ## list the targets
 	@echo "make lessons        run every lesson in fast mode (what CI does)"
 	@echo "make bench          CPU benchmarks in bench/ (minitune vs the reference libraries)"
 	@echo "make download MODEL=Qwen/Qwen2.5-0.5B-Instruct   fetch a real checkpoint into weights/ (needs network)"
+	@echo "make student-kit [EXERCISES=\"01.1 02\"|EXERCISES_FILE=path]   student copy with exercises blanked (student-kit/)"
+	@echo "make grade          run the graded tests of the exercises: table + grade/results.json (Gradescope shape)"
+	@echo "make grade-NN       the same for lesson NN only"
 	@echo "make env            only create the environment"
 	@echo "make clean          remove the environment and caches"
 
@@ -54,3 +57,16 @@ download: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# classroom (lessons/README.md): student kits with exercises blanked, and the grader
+.PHONY: student-kit grade
+EXERCISES ?=
+EXERCISES_FILE ?=
+student-kit: $(VENV)/.installed
+	$(PY) -m minitune.classroom.kit --exercises "$(EXERCISES)" $(if $(EXERCISES_FILE),--exercises-file "$(EXERCISES_FILE)")
+
+grade: $(VENV)/.installed
+	$(PY) -m minitune.classroom.grade
+
+grade-%: $(VENV)/.installed
+	$(PY) -m minitune.classroom.grade --lesson $*
