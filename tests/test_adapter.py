@@ -56,7 +56,8 @@ def test_only_adapters_trainable_and_count_by_formula(mode, where):
     model = apply_adapters(base_model(), bottleneck=8, mode=mode, where=where)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".adapter." in n for n in names)
-    assert trainable(model) == adapter_num_params(CFG, 8, where) == sum(v.numel() for v in adapter_state_dict(model).values())
+    saved = adapter_state_dict(model)
+    assert trainable(model) == adapter_num_params(CFG, 8, where) == sum(v.numel() for v in saved.values())
     # base names are untouched: a base state dict loads, missing only the adapters
     missing, unexpected = model.load_state_dict(base_model().state_dict(), strict=False)
     assert not unexpected and set(missing) == set(adapter_state_dict(model))

@@ -64,18 +64,22 @@ class PrefixTuningModel(nn.Module):
     def __init__(self, base, num_virtual_tokens: int, prefix_projection: bool = False,
                  encoder_hidden_size: int | None = None):
         super().__init__()
+        _check_num_virtual_tokens(num_virtual_tokens)  # before freezing the caller's model
         cfg = base.config
         self.base = base.requires_grad_(False)
         self.num_virtual_tokens = num_virtual_tokens
         self.num_layers, self.kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.prompt_encoder = PrefixEncoder(num_virtual_tokens, self.num_layers, self.kv_heads * self.head_dim,
                                             prefix_projection, encoder_hidden_size)
-        p = next(base.parameters())
-        self.prompt_encoder.to(p.device)
+        self.prompt_encoder.to(next(base.parameters()).device)
 
     @property
     def lm_head(self):
         return self.base.lm_head
+
+    @property
+    def config(self):
+        return self.base.config
 
     def get_prompt(self, batch_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The final prefix (PEFT `get_prompt`): per layer (keys, values), each [B, kv_heads, n, head_dim]."""

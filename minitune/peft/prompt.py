@@ -101,6 +101,10 @@ class SoftPromptModel(nn.Module):
     def lm_head(self):
         return self.base.lm_head
 
+    @property
+    def config(self):
+        return self.base.config
+
     def get_prompt(self, batch_size: int = 1) -> torch.Tensor:
         """The soft prompt as the model reads it: [B, n, hidden] (PEFT `get_prompt`)."""
         p = self.prompt_encoder()  # computed once, shared by every row
