@@ -1,0 +1,112 @@
+"""The command line: --help on every subcommand, `train` end to end from a YAML file plus flags,
+`generate` on one prompt, and `chat` fed through a pipe."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minitune
+from minitune.cli import main
+from minitune.model import ModelConfig, Transformer
+from minitune.tokenizer.bpe_trainer import train_bpe
+
+torch.set_num_threads(1)
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+LINES = ["Who are you? I am minitune, a small model.", "What is two plus two? Four.",
+         "The cat sat on the mat.", "Paris is the capital of France."] * 5
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny Qwen2-layout model with a BPE tokenizer trained on a few lines, saved to disk."""
+    tok = train_bpe(LINES, vocab_size=320, special_tokens=SPECIALS, eos_token="<|endoftext|>",
+                    pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_id)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    minitune.save_pretrained(Transformer(cfg), tok, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "chat"])
+def test_help_of_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: minitune {command}" in text
+    expected = {"train": ["--learning_rate", "--per_device_train_batch_size", "--lr_scheduler_type", "--bf16",
+                          "--plot_loss", "--resume", "peak learning rate"],
+                "generate": ["--prompt", "--adapter", "--template", "--top_p", "--dtype"],
+                "chat": ["--model", "--adapter", "/reset", "/exit", "--max_new_tokens"]}[command]
+    for word in expected:
+        assert word in text
+
+
+def test_python_dash_m_minitune_runs():
+    out = subprocess.run([sys.executable, "-m", "minitune", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "chat" in out.stdout and "generate" in out.stdout
+
+
+def test_train_from_yaml_and_flags(tiny_dir, tmp_path, capsys):
+    data = [{"instruction": f"Say {w}", "output": f"{w} {w}"} for w in ("cat", "mat", "sat", "two", "four", "Paris")]
+    (tmp_path / "data.json").write_text(json.dumps(data * 2))
+    (tmp_path / "sft.yaml").write_text(
+        f"model_name_or_path: {tiny_dir}\nstage: sft\nfinetuning_type: full\ndataset: {tmp_path / 'data.json'}\n"
+        "template: chatml\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 4\nval_size: 2\n"
+        f"logging_steps: 1\nsave_steps: 2\nplot_loss: true\noutput_dir: {tmp_path / 'out'}\n")
+    main(["train", str(tmp_path / "sft.yaml"), "--max_steps", "3", "--device", "cpu", "--bf16"])
+    out = tmp_path / "out"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_log.jsonl", "training_loss.png",
+            "checkpoint-2"} <= {p.name for p in out.iterdir()}
+    model, tok = minitune.load_pretrained(out)
+    assert tok is not None and model.num_parameters() > 0
+    assert "trained 3 steps" in capsys.readouterr().out
+
+
+def test_train_refuses_what_is_not_implemented(tiny_dir):
+    with pytest.raises(SystemExit, match="finetuning_type 'lora' is not implemented yet"):
+        main(["train", "--finetuning_type", "lora", "--model_name_or_path", str(tiny_dir)])
+    with pytest.raises(SystemExit, match=r"unknown key 'learnig_rate'; did you mean 'learning_rate'"):
+        main(["train", "--learnig_rate", "1"])
+
+
+def test_generate_one_prompt(tiny_dir, capsys):
+    main(["generate", "--model", str(tiny_dir), "--template", "chatml", "--prompt", "Who are you?",
+          "--max_new_tokens", "8", "--device", "cpu"])
+    greedy = capsys.readouterr().out
+    model, tok = minitune.load_pretrained(tiny_dir)
+    from minitune.data import encode_segments, render_segments
+
+    ids, _ = encode_segments(tok, render_segments("chatml", [{"role": "user", "content": "Who are you?"}],
+                                                  add_generation_prompt=True))
+    out = minitune.generate(model, torch.tensor([ids]), 8, eos_id=[tok.eos_id, tok.token_to_id("<|im_end|>")])
+    new = [t for t in out[0, len(ids):].tolist() if t not in (tok.eos_id, tok.token_to_id("<|im_end|>"))]
+    assert greedy == tok.decode(new) + "\n"
+
+
+def test_chat_through_a_pipe(tiny_dir, monkeypatch, capsys):
+    # in-process with stdin replaced (a subprocess would spend ~10 s importing torch again)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/reset\nhello\nand again\n/exit\n"))
+    main(["chat", "--model", str(tiny_dir), "--device", "cpu", "--max_new_tokens", "5",
+          "--temperature", "0.8", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "(history cleared)" in out
+    assert out.count("Assistant: ") == 2
+    assert out.count("User: ") == 4  # prompts for /reset, hello, and again, /exit
+
+
+def test_chat_keeps_the_history_and_reset_clears_it(tiny_dir, monkeypatch):
+    import minitune.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "reply", lambda model, tok, device, args, messages, prompt, out=None:
+                        seen.append([m["content"] for m in messages]) or f"answer {len(seen)}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n/reset\nagain\n"))  # ends without /exit
+    main(["chat", "--model", str(tiny_dir), "--system", "be brief"])
+    assert seen == [["be brief", "hi"], ["be brief", "hi", "answer 1", "more"], ["be brief", "again"]]
