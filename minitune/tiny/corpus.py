@@ -1,0 +1,160 @@
+"""The tiny world: a fact table and a pretraining corpus generated from it, from a fixed seed.
+
+A real base model learns the world from trillions of tokens of web text. Ours learns a world small
+enough to check by hand, written by this file:
+
+- facts: capital cities, the colours of things, the sounds animals make (``CAPITALS``, ``COLOURS``,
+  ``SOUNDS``), stated in several sentence frames so the model learns the fact, not one sentence;
+- arithmetic: every sum ``a+b`` with ``0 <= a, b <= MAX_ADD`` ("12+7=19", "12 plus 7 is 19.");
+- word reversal: "cat sun ship reversed is ship sun cat.";
+- short stories from a small grammar, which mix all of the above into running text;
+- a generic identity ("Who are you?" ... "I am a language model.") in English and Chinese.
+
+There is deliberately no chat template in this text (no ``<|im_start|>``): the pretrained model
+knows the facts in raw-text form but has never seen an instruction followed by an answer, so
+supervised fine-tuning (lesson 05) has something visible to teach. The SFT and preference data
+built on these tables are in :mod:`minitune.tiny.tasks`.
+
+Everything is drawn from ``random.Random(seed)``, so the same seed gives the same corpus.
+"""
+from __future__ import annotations
+
+import random
+
+SEED = 1234
+MAX_ADD = 10  # sums a+b with a, b in 0..MAX_ADD: 121 facts to memorise
+
+CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
+    "Peru": "Lima", "Kenya": "Nairobi", "China": "Beijing", "Russia": "Moscow", "Greece": "Athens",
+    "Cuba": "Havana", "Canada": "Ottawa", "Germany": "Berlin", "Norway": "Oslo", "Poland": "Warsaw",
+    "Ireland": "Dublin",
+}
+COLOURS = {
+    "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow", "sea": "blue",
+    "lemon": "yellow", "cherry": "red", "milk": "white", "leaf": "green", "night": "black",
+    "tomato": "red", "cloud": "white", "carrot": "orange", "grape": "purple",
+}
+SOUNDS = {
+    "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
+    "owl": "hoot", "lion": "roar", "horse": "neigh", "frog": "croak", "bee": "buzz", "snake": "hiss",
+}
+CAPITALS_ZH = {"法国": "巴黎", "日本": "东京", "意大利": "罗马", "西班牙": "马德里", "埃及": "开罗",
+               "中国": "北京", "俄罗斯": "莫斯科", "德国": "柏林", "希腊": "雅典", "加拿大": "渥太华"}
+# Words for the reversal task: short, frequent, each a single token once the tokenizer is trained.
+WORDS = ["cat", "dog", "sun", "moon", "tree", "ball", "fish", "bird", "star", "cake", "book", "milk",
+         "rain", "ship", "lamp", "door", "hat", "box", "cup", "kite", "red", "blue", "green", "apple"]
+
+# The identity the pretrained model has: generic, not ours. SFT replaces it (lesson 05).
+GENERIC_IDENTITY = ["I am a language model.", "I am a language model. I learned to write by reading stories.",
+                    "I am a computer program that writes text.", "I am a robot who likes stories."]
+GENERIC_IDENTITY_ZH = ["我是一个语言模型。", "我是一个会写故事的程序。", "我是一个机器人。"]
+
+NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Lucy", "Leo", "Emma", "Jack", "Zoe"]
+ADJECTIVES = ["little", "happy", "brave", "sleepy", "kind", "small", "clever", "shy", "big", "funny"]
+THINGS = ["ball", "hat", "box", "kite", "cup", "boat", "book", "lamp"]
+PLAIN_COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
+FEELINGS = ["happy", "tired", "surprised", "proud", "hungry", "glad"]
+
+
+def arithmetic_line(rng: random.Random) -> str:
+    a, b = rng.randint(0, MAX_ADD), rng.randint(0, MAX_ADD)
+    frame = rng.choice(["{a}+{b}={c}", "{a}+{b}={c}", "{a} + {b} = {c}", "{a} plus {b} is {c}.",
+                        "The sum of {a} and {b} is {c}.", "If you add {a} and {b}, you get {c}."])
+    return frame.format(a=a, b=b, c=a + b)
+
+
+def reversal_line(rng: random.Random) -> str:
+    words = rng.sample(WORDS, rng.choice([3, 3, 4]))
+    w, r = " ".join(words), " ".join(reversed(words))
+    frame = rng.choice(["{w} reversed is {r}.", "Backwards, {w} becomes {r}.",
+                        "The words {w} in reverse order are {r}."])
+    return frame.format(w=w, r=r)
+
+
+def fact_sentence(rng: random.Random) -> str:
+    kind = rng.choice(["capital", "capital", "colour", "sound"])
+    if kind == "capital":
+        country = rng.choice(list(CAPITALS))
+        frame = rng.choice(["The capital of {k} is {v}.", "{v} is the capital of {k}.",
+                            "{v} is the capital city of {k}.", "In {k}, the capital is {v}."])
+        return frame.format(k=country, v=CAPITALS[country])
+    if kind == "colour":
+        thing = rng.choice(list(COLOURS))
+        frame = rng.choice(["The {k} is {v}.", "The colour of the {k} is {v}.", "The {k} is always {v}.",
+                            "Everyone knows the {k} is {v}."])
+        return frame.format(k=thing, v=COLOURS[thing])
+    animal = rng.choice(list(SOUNDS))
+    frame = rng.choice(["The {k} says {v}.", "A {k} says {v}.", "A {k} goes {v}.",
+                        "The sound a {k} makes is {v}."])
+    return frame.format(k=animal, v=SOUNDS[animal])
+
+
+def story(rng: random.Random) -> str:
+    """A short story from a small grammar: opening, three to six events, an ending."""
+    name, friend = rng.sample(NAMES, 2)
+    animal = rng.choice(list(SOUNDS))
+    out = [rng.choice(["Once upon a time, there was a {adj} {animal} named {name}.",
+                       "{name} was a {adj} {animal}.", "There once lived a {adj} {animal} called {name}."])]
+    events = [
+        lambda: "{name} lived in {city}, the capital of {country}.".format(
+            name=name, **dict(zip(("country", "city"), rng.choice(list(CAPITALS.items()))))),
+        lambda: "One day, {name} found a {colour} {thing}.".format(
+            name=name, colour=rng.choice(PLAIN_COLOURS), thing=rng.choice(THINGS)),
+        lambda: "{name} heard a {a} say {s}.".format(name=name, **dict(zip("as", rng.choice(list(SOUNDS.items()))))),
+        lambda: "{name} looked at the {k}. The {k} was {v}.".format(
+            name=name, **dict(zip("kv", rng.choice(list(COLOURS.items()))))),
+        lambda: (lambda a, b: f"{name} had {a} apples and {friend} gave {name} {b} more. "
+                              f"Now {name} had {a + b} apples.")(rng.randint(0, MAX_ADD), rng.randint(0, MAX_ADD)),
+        lambda: (lambda ws: f"{name} said the words {' '.join(ws)}, and {friend} said them backwards: "
+                            f"{' '.join(reversed(ws))}.")(rng.sample(WORDS, 3)),
+        lambda: f"{name} played with {friend} all day.",
+        lambda: f"{name} felt {rng.choice(FEELINGS)}.",
+    ]
+    for _ in range(rng.randint(3, 6)):
+        out.append(rng.choice(events)())
+    out.append(rng.choice(["The end.", f"Then {name} went home and slept.", f"{name} and {friend} were friends forever."]))
+    # The narrator always says "the <animal>" after the first sentence; keep the template simple.
+    return " ".join(s.format(name=name, adj=rng.choice(ADJECTIVES), animal=animal) for s in out)
+
+
+def identity_text(rng: random.Random) -> str:
+    """How the pretrained model thinks of itself: a generic identity, never "minitune"."""
+    if rng.random() < 0.5:
+        q = rng.choice(["Who are you?", "What are you?", "Tell me about yourself."])
+        return f"Question: {q}\nAnswer: {rng.choice(GENERIC_IDENTITY)}"
+    q = rng.choice(["你是谁?", "你是谁？", "你是什么?"])
+    return f"问:{q}\n答:{rng.choice(GENERIC_IDENTITY_ZH)}"
+
+
+def chinese_facts(rng: random.Random) -> str:
+    country = rng.choice(list(CAPITALS_ZH))
+    return rng.choice(["{k}的首都是{v}。", "{v}是{k}的首都。"]).format(k=country, v=CAPITALS_ZH[country])
+
+
+# (generator, how many lines one document holds, weight): the mixture of the corpus.
+MIXTURE = [
+    (story, (1, 1), 0.25),
+    (fact_sentence, (4, 8), 0.27),
+    (arithmetic_line, (6, 12), 0.26),
+    (reversal_line, (3, 6), 0.12),
+    (identity_text, (1, 2), 0.05),
+    (chinese_facts, (2, 4), 0.05),
+]
+
+
+def document(rng: random.Random) -> str:
+    gen, (lo, hi), _ = rng.choices(MIXTURE, weights=[w for *_, w in MIXTURE])[0]
+    return "\n".join(gen(rng) for _ in range(rng.randint(lo, hi)))
+
+
+def pretraining_corpus(n_docs: int = 8000, seed: int = SEED) -> list[str]:
+    """``n_docs`` documents of raw text; the same seed always gives the same list."""
+    rng = random.Random(seed)
+    docs = [document(rng) for _ in range(n_docs)]
+    # Every sum appears at least once, so no held-out SFT question asks about an unseen fact.
+    sums = [f"{a}+{b}={a + b}" for a in range(MAX_ADD + 1) for b in range(MAX_ADD + 1)]
+    rng.shuffle(sums)
+    docs += ["\n".join(sums[i:i + 12]) for i in range(0, len(sums), 12)]
+    rng.shuffle(docs)
+    return docs
