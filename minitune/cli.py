@@ -74,8 +74,8 @@ def run_train(cfg: TrainConfig):
 def model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter", help="adapter folder (e.g. LoRA) to put on the model")
-    p.add_argument("--template", help="chat template name (see minitune.data.TEMPLATES); generate without "
-                                      "one continues the raw prompt text")
+    p.add_argument("--template", help="chat template name (see minitune.data.TEMPLATES); chat defaults to "
+                                      "chatml, generate without one continues the raw prompt text")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")

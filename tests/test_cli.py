@@ -110,3 +110,19 @@ def test_chat_keeps_the_history_and_reset_clears_it(tiny_dir, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n/reset\nagain\n"))  # ends without /exit
     main(["chat", "--model", str(tiny_dir), "--system", "be brief"])
     assert seen == [["be brief", "hi"], ["be brief", "hi", "answer 1", "more"], ["be brief", "again"]]
+
+
+def test_streamer_holds_back_a_possible_stop_string_and_cuts_at_it():
+    from minitune.cli import StopGeneration, Streamer
+
+    class CharTok:  # id i is the character chr(i)
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    out = io.StringIO()
+    s = Streamer(CharTok(), stop_ids={0}, stop="###", out=out)
+    with pytest.raises(StopGeneration):
+        for ch in "Hi #1 ok\n###more":
+            s(torch.tensor([ord(ch)]))
+            assert "###" not in out.getvalue()  # never prints a stop string, even half of one at the end
+    assert out.getvalue() == s.text == "Hi #1 ok\n"

@@ -165,11 +165,15 @@ lr_scheduler_type: cosine
 warmup_ratio: 0.1
 bf16: true
 eval_steps: null
+do_train: true
+report_to: none
 """
 
 
-def test_yaml_subset_json_and_flags(tmp_path):
+def test_yaml_subset_json_and_flags(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(LF_YAML)
+    load_config(tmp_path / "c.yaml")
+    assert "ignoring do_train, report_to (no effect in minitune)" in capsys.readouterr().err
     with pytest.raises(TrainConfigError, match=r"command line \(--plot_loss\): plot_loss: needs an output_dir"):
         load_config(tmp_path / "c.yaml", {"plot_loss": "true"})
     c = load_config(tmp_path / "c.yaml", {"learning_rate": "2e-4", "plot_loss": "true", "output_dir": "out"})

@@ -20,6 +20,7 @@ stops the run before any model is loaded, with the file and key in the message.
 import dataclasses
 import difflib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from pathlib import Path
 STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora")
 SCHEDULERS = ("cosine", "linear", "constant")
+# keys of LLaMA-Factory example configs that change nothing here; accepted with a note, so its files load
+IGNORED_KEYS = ("do_train", "do_eval", "overwrite_cache", "overwrite_output_dir", "preprocessing_num_workers",
+                "dataloader_num_workers", "report_to", "ddp_timeout", "trust_remote_code", "save_only_model",
+                "eval_strategy", "evaluation_strategy", "save_strategy", "logging_strategy")
 
 
 class TrainConfigError(ValueError):
@@ -49,6 +54,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0  # passes over the training data
     max_steps: int | None = None  # if set, the number of optimizer steps (overrides num_train_epochs)
     per_device_train_batch_size: int = 8  # examples per forward pass on each device
+    per_device_eval_batch_size: int | None = None  # examples per evaluation forward pass (None: as training)
     gradient_accumulation_steps: int = 1  # forward passes summed into one optimizer step
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after warmup)
     warmup_ratio: float = 0.0  # fraction of the steps spent ramping the learning rate up from 0
@@ -80,8 +86,9 @@ class TrainConfig:
                 bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.bf16 and self.fp16:
             bad("bf16", "bf16 and fp16 are both true; pick one mixed-precision dtype")
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, key) < 1:
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -203,10 +210,15 @@ def read_config_file(path) -> dict:
 
 def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then the file at `path`, then `overrides` ({key: value or flag string})."""
-    values, sources = {}, {}
+    values, sources, ignored = {}, {}, []
     if path is not None:
         for key, value in read_config_file(path).items():
+            if key in IGNORED_KEYS:
+                ignored.append(key)
+                continue
             values[key], sources[key] = coerce(key, value, str(path)), str(path)
+    if ignored:
+        print(f"note: {path}: ignoring {', '.join(ignored)} (no effect in minitune)", file=sys.stderr)
     for key, value in (overrides or {}).items():
         values[key], sources[key] = coerce(key, value, f"command line (--{key})"), f"command line (--{key})"
     cfg = TrainConfig.__new__(TrainConfig)  # fill first, then validate with the right source named

@@ -262,7 +262,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                      "grad_norm": grad_norm, "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)})
                 window, tokens, t_last = [], 0.0, now
             if val_data and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                eval_loss = evaluate(model, val_data, collate, loss_fn, B, device, autocast)
+                eval_loss = evaluate(model, val_data, collate, loss_fn, cfg.per_device_eval_batch_size or B,
+                                     device, autocast)
                 result.eval_losses[step] = eval_loss
                 log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})
                 if main:
