@@ -38,6 +38,7 @@ from . import distributed as dist
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import make_optimizer
+from .plot import plot_log
 from .schedule import make_scheduler
 
 IGNORE_INDEX = -100
@@ -257,9 +258,12 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if step % cfg.logging_steps == 0 or step == total:
                 now = time.perf_counter()
-                log({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                     "loss": sum(window) / len(window) if window else step_loss, "lr": lr,
-                     "grad_norm": grad_norm, "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)})
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "loss": sum(window) / len(window) if window else step_loss, "lr": lr,
+                          "grad_norm": grad_norm, "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
+                if device.type == "cuda":
+                    record["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+                log(record)
                 window, tokens, t_last = [], 0.0, now
             if val_data and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
                 eval_loss = evaluate(model, val_data, collate, loss_fn, cfg.per_device_eval_batch_size or B,
@@ -272,6 +276,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 result.last_checkpoint = save_checkpoint(
                     out, step, model, tokenizer, optimizer, scheduler, scaler,
                     {"epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed})
+                if cfg.plot_loss:  # keep the picture current, so a stopped run still has one
+                    plot_log(result.log_path, out / PLOT_FILE)
     finally:
         pbar.close()
         if log_file:
@@ -285,7 +291,5 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             tqdm.write(f"peak GPU memory allocated: {result.peak_memory_bytes / 1e9:.2f} GB"
                        + (f" (estimated {est.total / 1e9:.2f} GB)" if est else ""))
     if main and out and cfg.plot_loss:
-        from .plot import plot_log
-
         result.plot_path = plot_log(result.log_path, out / PLOT_FILE)
     return result
