@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import get_template
 from ..model import ModelConfig, Transformer, save_pretrained
 from ..tokenizer.bpe_trainer import train_bpe
 from ..train import TrainConfig, train
@@ -46,7 +47,10 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 def build_tokenizer(docs: list[str], sft_rows: list[dict]):
     # The SFT text is included so "minitune" and the Chinese identity get tokens of their own, as a
     # real tokenizer's training data covers the text it will later be fine-tuned on.
-    texts = docs + [r["instruction"] + "\n" + r["output"] for r in sft_rows]
+    # Rendered in ChatML, so the role names ("user", "assistant") become tokens too.
+    chatml = get_template("chatml")
+    texts = docs + [chatml.render([{"role": "user", "content": r["instruction"]},
+                                   {"role": "assistant", "content": r["output"]}]) for r in sft_rows]
     tok = train_bpe(texts, VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, eos_token="<|im_end|>",
                     pad_token="<|endoftext|>")
     tok.chat_template = CHATML_JINJA
