@@ -58,14 +58,18 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x):  # x [..., in] -> [..., out]
-        y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        w0, bias = self.base_layer.weight, self.base_layer.bias
         if self.merged:
-            return y
-        if self.dropout and self.training:  # no dropout call at all when p = 0 or in eval mode
-            x = F.dropout(x, self.dropout, training=True)
-        # scale the thin [..., r] activation rather than the wide [..., out] one; add in place
-        # (safe for autograd: linear's backward does not need its own output)
-        return y.add_(F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight))
+            return F.linear(x, w0, bias)
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        h = F.dropout(x2, self.dropout, training=True) if self.dropout and self.training else x2
+        # scale the thin [N, r] activation rather than the wide [N, out] one
+        h = F.linear(h, self.lora_A.weight) * self.scaling  # [N, r]
+        y = F.linear(h, self.lora_B.weight, bias)  # [N, out]: the low-rank path, plus the base bias
+        # += x W0^T, accumulated by the matmul itself (beta = 1) instead of a separate add over [N, out];
+        # in place is safe for autograd: the matmul that made y does not need y for its backward
+        y.addmm_(x2, w0.t())
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def merge(self):

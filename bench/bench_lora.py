@@ -1,0 +1,111 @@
+"""One LoRA training step on CPU: minitune vs transformers + PEFT, same checkpoint, same adapter.
+
+A ~6M-parameter Qwen2-shaped model (vocab 6000, hidden 256, 6 layers, 4 query / 2 key-value heads,
+intermediate 688, tied embeddings) is written by transformers into a temporary folder and loaded by
+both sides. LoRA r=16 (alpha 32, dropout 0) on every linear layer but the head; minitune's adapter is
+saved and loaded into PEFT, so both start from identical weights (the first losses are checked to
+agree). A step is forward + next-token cross-entropy + backward + AdamW step + zero_grad on a batch of
+8 x 256 tokens (minitune: the trainer's causal_lm_loss; PEFT: the model's own loss from labels). After warm-up, the two sides alternate for --rounds rounds (so drifting machine load
+hits both alike); medians of tokens/s are reported.
+
+Run:  python bench/bench_lora.py [--rounds 7] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import minitune
+from minitune.peft import apply_lora, count_parameters, save_adapter
+from minitune.train.trainer import causal_lm_loss
+
+SHAPE = dict(vocab_size=6000, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=688, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import peft  # the references; minitune itself never imports them
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        hf_cfg = transformers.Qwen2Config(**SHAPE, bos_token_id=1, eos_token_id=2)
+        transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(f"{tmp}/ckpt")
+
+        ours, _ = minitune.load_pretrained(f"{tmp}/ckpt")
+        apply_lora(ours, r=args.r, alpha=2 * args.r, targets="all-linear")
+        save_adapter(ours, f"{tmp}/adapter")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/ckpt")
+        ref = peft.PeftModel.from_pretrained(hf, f"{tmp}/adapter", is_trainable=True)
+    ours.train()
+    ref.train()
+    assert count_parameters(ours) == ref.get_nb_trainable_parameters()
+
+    x = torch.randint(3, SHAPE["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x, "labels": x}
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
+
+    def step_ours():
+        loss, _ = causal_lm_loss(ours, batch)  # the trainer's next-token loss, as a minitune run computes it
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad()
+        return loss.item()
+
+    def step_ref():
+        loss = ref(input_ids=x, labels=x).loss
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        return loss.item()
+
+    first = step_ours(), step_ref()
+    assert abs(first[0] - first[1]) < 1e-4 * abs(first[1]), f"first losses differ: {first}"
+    for _ in range(args.warmup - 1):
+        step_ours(), step_ref()
+
+    contenders = {"minitune": step_ours, "transformers+PEFT": step_ref}
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for i in range(args.rounds):
+        for name, fn in (contenders.items() if i % 2 == 0 else reversed(contenders.items())):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    tokens = args.batch * args.seq
+    trainable, total = count_parameters(ours)
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}")
+    print(f"model: {total - trainable:,} base params, LoRA r={args.r} all-linear: {trainable:,} trainable; "
+          f"batch {args.batch} x {args.seq} tokens, AdamW; first losses {first[0]:.5f} / {first[1]:.5f}; "
+          f"median of {args.rounds} alternating rounds after {args.warmup} warm-up steps")
+    tps = {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    for name, ts in times.items():
+        print(f"  {name:18s} {statistics.median(ts) * 1e3:8.1f} ms/step  {tps[name]:9.0f} tokens/s  "
+              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms)")
+    print(f"  ratio: minitune = {tps['minitune'] / tps['transformers+PEFT']:.2f}x transformers+PEFT tokens/s")
+
+
+if __name__ == "__main__":
+    main()
