@@ -20,7 +20,6 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .rope import rope_inv_freq
 from .transformer import Transformer
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -161,7 +160,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | str | None = None, quant
                               f"e.g. {missing[:5]} with shapes {[expected[m] for m in missing[:5]]}")
     if quantize:
         model.requires_grad_(False)  # a quantized base is frozen; adapters bring their own parameters
-    model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    model.inv_freq = model.inv_freq.to(device)
     model.config.torch_dtype = str(dtype).replace("torch.", "")
     return model.eval()
 

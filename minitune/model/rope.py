@@ -19,8 +19,9 @@ import torch
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """The per-channel-pair frequencies theta_i, float32, shape [head_dim // 2]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """The per-channel-pair frequencies theta_i, float32, shape [head_dim // 2], on the CPU
+    (also inside a `torch.device("meta")` block: they are computed, never loaded)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
