@@ -40,13 +40,20 @@ def _matches(spec: str, nodeid: str) -> bool:
     return nodeid == spec or nodeid.startswith(spec + "[") or nodeid.startswith(spec + "::")
 
 
+def pytest_env(root: Path) -> dict:
+    """The environment for graded runs: ``root`` first on the path, so the code graded is the copy
+    in ``root`` (a student kit) even where another minitune is installed in the environment."""
+    path = os.pathsep.join([str(Path(root).resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
+
+
 def run_pytest(root: Path, specs: list[str], timeout: float = 1800) -> tuple[dict[str, tuple[str, str]], str]:
     """Run the node ids; returns ({nodeid: (outcome, message)}, pytest's console tail)."""
     with tempfile.TemporaryDirectory() as tmp:
         xml_path = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", "-rN",
                "-o", "junit_family=xunit1", f"--junitxml={xml_path}", *specs]
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env = pytest_env(root)
         try:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
             console = proc.stdout + proc.stderr

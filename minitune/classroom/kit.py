@@ -4,9 +4,9 @@ An exercise is a region of the reference code between two comment lines::
 
     def apply_rope(x, cos, sin):
         \"\"\"docstring stays\"\"\"
-        # BEGIN EXERCISE 02.2: apply_rope
+        # BEGIN EXERCISE NN.M: title      (NN.M is e.g. 02.2: lesson 02, exercise 2)
         ...reference lines...
-        # END EXERCISE
+        # END EXERCISE      (this line closes the region)
 
 ``lessons/exercises.json`` lists every exercise: title, lesson README, file, points and the
 pytest node ids that grade it. A kit keeps the two marker lines and puts, at the BEGIN line's

@@ -1,0 +1,107 @@
+"""What the lessons' run.py scripts share: flags, loading the tiny model (or a stand-in), timing.
+
+Every ``lessons/NN-*/run.py`` takes ``--model PATH`` (default ``weights/tiny``), ``--device``,
+``--dtype`` and ``--fast``. When the model folder is missing (a fresh clone before the tiny
+model is trained), :func:`load_or_build` says so and builds a small random Qwen2-shaped model
+and a byte-level BPE trained on the spot, so the lesson still runs; its numbers then describe
+that stand-in, and generated text is noise.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ChatML, as Qwen's tokenizer has them
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=str(ROOT / "weights" / "tiny"),
+                    help="a Hugging Face checkpoint folder (default: weights/tiny)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    ap.add_argument("--fast", action="store_true", help="smaller sizes, for CI (< 30 s)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    return args
+
+
+_START = time.perf_counter()
+_marks = [_START]
+
+
+def section(title: str) -> None:
+    """A numbered section header; also says how long the previous section took."""
+    now = time.perf_counter()
+    if len(_marks) > 1:
+        print(f"[section took {now - _marks[-1]:.1f} s]")
+    _marks.append(now)
+    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
+
+
+def finish() -> None:
+    now = time.perf_counter()
+    print(f"[section took {now - _marks[-1]:.1f} s]\n\nlesson done in {now - _START:.1f} s "
+          f"(after imports; torch has {torch.get_num_threads()} threads)")
+
+
+def train_small_bpe(n_chars: int, vocab_size: int):
+    """A byte-level BPE with ChatML special tokens, trained on mixed sample text (seconds)."""
+    from minitune.tokenizer.bpe_trainer import train_bpe
+    from minitune.tokenizer.sample_text import mixed_text
+    return train_bpe([mixed_text(n_chars, seed=0)], vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                     eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _temp_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="minitune-lesson-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def load_or_build(args, hidden: int = 128, layers: int = 4):
+    """(model, tokenizer, checkpoint folder, is_stand_in).
+
+    Loads ``args.model`` if it holds a config.json; otherwise writes a random Qwen2-shaped model
+    and a freshly trained tokenizer into a temporary folder (with save_pretrained, so the lesson
+    can still read a real safetensors file) and loads that.
+    """
+    import minitune
+    from minitune.model import ModelConfig, Transformer
+
+    path = Path(args.model)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if (path / "config.json").is_file():
+        model, tok = minitune.load_pretrained(path, device=args.device, dtype=dtype)
+        print(f"model: {path} ({model.num_parameters() / 1e6:.2f} M parameters, {next(model.parameters()).dtype})")
+        return model, tok, path, False
+    print(f"NOTE: {path} has no config.json (the tiny model is not there yet). Using a stand-in: a random\n"
+          f"      Qwen2-shaped model and a byte-level BPE trained right now. Its text is noise.")
+    tok = train_small_bpe(20_000, 512)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, model_type="qwen2",
+                      tie_word_embeddings=True, max_position_embeddings=4096, torch_dtype="float32",
+                      eos_token_id=tok.eos_id, rms_norm_eps=1e-6)
+    model = Transformer(cfg)
+    folder = _temp_dir() / "stand-in"
+    minitune.save_pretrained(model, tok, folder)
+    model, tok = minitune.load_pretrained(folder, device=args.device, dtype=dtype)
+    print(f"stand-in model: {model.num_parameters() / 1e6:.2f} M parameters, written to {folder}")
+    return model, tok, folder, True
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls, in seconds (the best is the least disturbed by other jobs)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
