@@ -36,7 +36,8 @@ w = block0.input_layernorm.weight.float()
 formula = w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + block0.input_layernorm.eps)
 print(f"input to layer 0's input_layernorm: mean {x.mean():+.4f}, rms {x.pow(2).mean().sqrt():.4f}")
 print(f"output / weight has rms {(y / w).pow(2).mean(-1).sqrt().mean():.4f} (1 by construction)")
-print(f"max |module - formula| = {(y - formula).abs().max():.2e}")
+note = "" if dtype == torch.float32 else f" (the module's output is rounded to {str(dtype).replace('torch.', '')})"
+print(f"max |module - formula| = {(y - formula).abs().max():.2e}{note}")
 ln = F.layer_norm(x, (x.shape[-1],), w, None, block0.input_layernorm.eps)
 print(f"LayerNorm (mean subtracted too) would differ by up to {(ln - y).abs().max():.3f} here")
 

@@ -27,7 +27,8 @@ def generate_without_cache(ids, n):
 
 
 n_new = 8 if args.fast else 16
-for prompt_len in ((16, 128) if args.fast else (32, 256, 512)):
+lengths = [n for n in ((16, 128) if args.fast else (32, 256, 512)) if n + n_new <= cfg.max_position_embeddings]
+for prompt_len in lengths:
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
     t_cache = timed(lambda: minitune.generate(model, prompt, max_new_tokens=n_new), repeat=2)
     result = {}
@@ -35,8 +36,9 @@ for prompt_len in ((16, 128) if args.fast else (32, 256, 512)):
     same = torch.equal(minitune.generate(model, prompt, max_new_tokens=n_new), result["ids"])
     print(f"prompt {prompt_len:>5} tokens, {n_new} new: with cache {1e3 * t_cache / n_new:7.2f} ms/token, "
           f"without {1e3 * t_full / n_new:7.2f} ms/token (x{t_full / t_cache:.1f}); same tokens: {same}")
-print(f"cache size at 1024 positions: {2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 1024 * dtype.itemsize / 2**20:.2f} MiB "
-      "(keys + values, every layer)")
+kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+print(f"cache size: {kv_per_token:,} bytes per token (keys + values, every layer); "
+      f"{kv_per_token * cfg.max_position_embeddings / 2**20:.2f} MiB at the full context of {cfg.max_position_embeddings}")
 
 # --------------------------------------------------------------------------- 2
 section("2. Greedy, temperature, top-k, top-p on the same prompt (seed 0)")
@@ -68,7 +70,7 @@ print("(top-k and top-p are shown after temperature 1.0; the candidates are thos
 section("3. Cost per token: why decoding is memory-bound (arithmetic intensity)")
 n_params = model.num_parameters()
 weight_bytes = n_params * dtype.itemsize
-ctx = 1024
+ctx = min(1024, cfg.max_position_embeddings)
 kv_read = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize
 flops = 2 * n_params + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
 print(f"one new token at context {ctx}, batch 1, {str(dtype).replace('torch.', '')}:")
