@@ -5,8 +5,9 @@ intermediate 688, tied embeddings) is written by transformers into a temporary f
 both sides. LoRA r=16 (alpha 32, dropout 0) on every linear layer but the head; minitune's adapter is
 saved and loaded into PEFT, so both start from identical weights (the first losses are checked to
 agree). A step is forward + next-token cross-entropy + backward + AdamW step + zero_grad on a batch of
-8 x 256 tokens (minitune: the trainer's causal_lm_loss; PEFT: the model's own loss from labels). After warm-up, the two sides alternate for --rounds rounds (so drifting machine load
-hits both alike); medians of tokens/s are reported.
+8 x 256 tokens (minitune: the trainer's causal_lm_loss; PEFT: the model's own loss from labels).
+After warm-up, the two sides alternate for --rounds rounds (so drifting machine load hits both
+alike); medians of tokens/s are reported.
 
 Run:  python bench/bench_lora.py [--rounds 7] [--threads N]
 """

@@ -324,15 +324,15 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     names = match_targets(model, targets, source=f"{cfg_file}: ")
     by_module = {}
     for key, t in tensors.items():
-        module, kind = split_peft_name(w_file, key, ("lora_A.weight", "lora_B.weight"))
-        by_module.setdefault(module, {})[kind] = (key, t)
+        module, part = split_peft_name(w_file, key, ("lora_A.weight", "lora_B.weight"))
+        by_module.setdefault(module, {})[part] = (key, t)
     check_modules(model, names, by_module, cfg_file, w_file)
     for name in names:
         base = model.get_submodule(name)
         parts = by_module[name]
-        for kind in ("lora_A.weight", "lora_B.weight"):
-            if kind not in parts:
-                raise AdapterError(f"{w_file}: {PEFT_PREFIX}{name}.{kind} is missing")
+        for part in ("lora_A.weight", "lora_B.weight"):
+            if part not in parts:
+                raise AdapterError(f"{w_file}: {PEFT_PREFIX}{name}.{part} is missing")
         (ka, a), (kb, b) = parts["lora_A.weight"], parts["lora_B.weight"]
         if a.dim() != 2 or a.shape[0] != r:
             raise AdapterError(f"{w_file}: tensor {ka!r} has shape {list(a.shape)}, but {cfg_file.name} says r={r}")
