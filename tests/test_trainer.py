@@ -83,9 +83,10 @@ def test_gradient_accumulation_equals_the_big_batch():
     for losses, params in results[1:]:
         for step, loss in results[0][0].items():
             assert losses[step] == pytest.approx(loss, abs=1e-6)
-        # the weights agree a little less tightly: AdamW divides by sqrt(v), which magnifies float noise
-        # in near-zero gradients (k_proj's bias has a zero gradient in exact arithmetic)
-        assert torch.allclose(params, results[0][1], atol=1e-5)
+        # AdamW moves each element by about lr per step whatever the gradient's size, so an element
+        # whose gradient is near zero (k_proj's bias is exactly zero in exact arithmetic) turns the
+        # summation-order noise of the split batch into a visible step: weights agree to lr/100
+        assert torch.allclose(params, results[0][1], atol=cfg().learning_rate / 100)
 
 
 def test_nan_loss_stops_the_run_naming_the_step():

@@ -59,10 +59,11 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
     """
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
-    logits = logits[:, :-1].float()  # [B, T-1, V]: the last position has nothing to predict
-    labels = batch["labels"][:, 1:]  # [B, T-1]
+    # shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
+    # step; the last position gets label -100 instead, since it has nothing to predict
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
     n = (labels != IGNORE_INDEX).sum()
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total / n.clamp(min=1), n
 
