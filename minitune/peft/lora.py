@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,6 +163,28 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for m in lora_layers(model).values():
         m.unmerge()
     return model
+
+
+@contextmanager
+def disable_lora(model: nn.Module):
+    """Inside the block `model` computes as its base model; the adapters are back afterwards.
+
+    RLHF and DPO need a frozen reference policy pi_ref beside the trained one. With a LoRA actor the
+    reference is the same network without the low-rank update, so it costs no second copy of the
+    weights: set every layer's scale s to 0 (merged layers are unmerged first, as their W0 holds s B A).
+    """
+    layers = list(lora_layers(model).values())
+    saved = [(m, m.scaling, m.merged) for m in layers]
+    try:
+        for m in layers:
+            m.unmerge()  # uses the current scaling, so before zeroing it
+            m.scaling = 0.0
+        yield model
+    finally:
+        for m, scaling, merged in saved:
+            m.scaling = scaling
+            if merged:
+                m.merge()
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
