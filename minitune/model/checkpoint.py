@@ -12,13 +12,13 @@ so a crash half-way leaves the old checkpoint (or nothing), never half a new one
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..atomic import atomic_dir
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -182,7 +182,13 @@ def save_pretrained(model: Transformer, tokenizer, out_dir, max_shard_size: int 
 
     Shards past `max_shard_size` bytes into model-0000i-of-0000n.safetensors plus an index.
     """
-    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_checkpoint_files(model, tokenizer, tmp, max_shard_size)
+    return Path(out_dir)
+
+
+def write_checkpoint_files(model: Transformer, tokenizer, folder: Path, max_shard_size: int = 5 * 2**30):
+    """config.json, generation_config.json, the safetensors file(s) and the tokenizer files, into folder."""
     cfg = model.config
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise ValueError("save_pretrained: the model holds 4-bit layers; merge/dequantize them to a "
@@ -192,36 +198,22 @@ def save_pretrained(model: Transformer, tokenizer, out_dir, max_shard_size: int 
         state.pop("lm_head.weight")  # safetensors refuses shared tensors; the config re-ties them
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        shards = _shards(state, max_shard_size)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        config = cfg.to_hf_dict()
-        config["torch_dtype"] = str(dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        # the swap: old folder aside, new folder in, old folder gone
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    shards = _shards(state, max_shard_size)
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    config = cfg.to_hf_dict()
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)

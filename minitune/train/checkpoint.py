@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir
 from ..model import Transformer, save_pretrained
-from ..model.checkpoint import weight_files
+from ..model.checkpoint import weight_files, write_checkpoint_files
 
 TRAINABLE_FILE, STATE_FILE = "trainable_params.safetensors", "trainer_state.pt"
 
@@ -62,26 +62,16 @@ def set_rng_state(state: dict):
 def save_checkpoint(output_dir, step: int, model: nn.Module, tokenizer, optimizer, scheduler, scaler,
                     info: dict) -> Path:
     """Write output_dir/checkpoint-{step}/ atomically; `info` (epoch, ...) goes into the state files."""
-    output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    final = Path(output_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
         if saves_full_model(model):
-            save_pretrained(model, tokenizer, tmp)
+            write_checkpoint_files(model, tokenizer, tmp)
         else:
-            tmp.mkdir(parents=True)
             save_file(trainable_state(model), tmp / TRAINABLE_FILE, metadata={"format": "pt"})
         state = {"global_step": step, **info, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
         torch.save(state, tmp / STATE_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, **info}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
