@@ -80,6 +80,8 @@ class TrainResult:
     log_path: Path | None = None
     plot_path: Path | None = None
     last_checkpoint: Path | None = None
+    metrics: dict[int, dict] = field(default_factory=dict)  # step -> extra metrics of loss_fn (see train)
+    eval_metrics: dict[int, dict] = field(default_factory=dict)
 
 
 def seed_everything(seed: int):
@@ -98,21 +100,36 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """loss_fn returns (loss, n) or (loss, n, metrics): metrics = {name: mean over the batch's n items},
+    e.g. DPO's reward accuracy; the trainer weights them by n like the loss and logs them."""
+    return out[0], out[1], (out[2] if len(out) > 2 else {})
+
+
 @torch.no_grad()
-def evaluate(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> float:
-    """Token-weighted mean loss over `data` (each process takes its share; sums are all-reduced)."""
+def evaluate_metrics(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> tuple[float, dict]:
+    """Token-weighted mean loss (and loss_fn's extra metrics) over `data`; each process takes its
+    share and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     rank, size = dist.world()
     mine = dist.shard(list(range(len(data))), rank, size)
-    loss_sum, count = 0.0, 0.0
+    loss_sum, count, sums = 0.0, 0.0, {}
     for i in range(0, len(mine), batch_size):
         with autocast():
-            loss, n = loss_fn(model, _to(collate([data[j] for j in mine[i:i + batch_size]]), device))
+            loss, n, metrics = split_output(loss_fn(model, _to(collate([data[j] for j in mine[i:i + batch_size]]), device)))
         loss_sum, count = loss_sum + float(loss) * float(n), count + float(n)
-    loss_sum, count = dist.all_reduce_sum([loss_sum, count], device)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * float(n)
+    names = sorted(sums)  # the same order on every process
+    loss_sum, count, *values = dist.all_reduce_sum([loss_sum, count] + [sums[k] for k in names], device)
     model.train(was_training)
-    return loss_sum / max(count, 1.0)
+    return loss_sum / max(count, 1.0), {k: v / max(count, 1.0) for k, v in zip(names, values)}
+
+
+def evaluate(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> float:
+    """Token-weighted mean loss over `data` (each process takes its share; sums are all-reduced)."""
+    return evaluate_metrics(model, data, collate, loss_fn, batch_size, device, autocast)[0]
 
 
 def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
@@ -122,22 +139,37 @@ def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
         return None
     seq_len = min(cfg.cutoff_len, max(len(f.get("input_ids", ())) for f in train_data) or 1)
     dtype = next(model.parameters()).dtype
-    method = cfg.finetuning_type if cfg.finetuning_type in ("full", "lora", "qlora") else "full"
+    method = {"freeze": "full", "adalora": "lora"}.get(cfg.finetuning_type, cfg.finetuning_type)
+    if method not in ("full", "lora", "qlora"):
+        return None  # no formula for adapters and soft prompts (what they train is tiny anyway)
+    r = cfg.adalora_init_r if cfg.finetuning_type == "adalora" else cfg.lora_rank
     est = estimate_memory(model.config, method=method, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
-                          seq_len=seq_len, autocast=cfg.bf16 or cfg.fp16)
+                          seq_len=seq_len, lora_r=r, autocast=cfg.bf16 or cfg.fp16)
     tqdm.write(str(est))
     return est
 
 
+def planned_steps(n_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """How many optimizer steps `train` will take on `n_examples` (max_steps, else the epochs of full
+    global batches); known before training, e.g. for AdaLoRA's rank schedule."""
+    steps_per_epoch = n_examples // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size)
+    return cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+
+
 def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = None, collate=None,
-          loss_fn=None, tokenizer=None, count_fn=None) -> TrainResult:
+          loss_fn=None, tokenizer=None, count_fn=None, after_step=None) -> TrainResult:
     """Train the parameters of `model` that have requires_grad; see the module docstring.
 
     train_data / val_data: lists of features (dicts) that `collate(list) -> dict of tensors` batches
     (default: minitune.data.PaddingCollator). loss_fn(model, batch) -> (mean loss, count) defaults to
     `causal_lm_loss`; it must call `model(...)` (under DDP, the wrapper's forward syncs gradients).
     count_fn(batch) -> int gives that count before the forward pass (default `count_targets`).
+    loss_fn may also return a third item, {name: batch mean}: those metrics are averaged like the loss
+    and written into the log records beside it (evaluation: as eval_<name>).
     tokenizer: saved into full-model checkpoints so they load with minitune.load_pretrained.
+    after_step(model, step): called after each optimizer step (step = 1, 2, ...), while the gradients
+    are still there, before they are cleared; e.g. AdaLoRA's rank allocator reads them and masks
+    what it prunes (after the update, so AdamW cannot move a pruned value off zero again).
     """
     device = dist.setup(cfg.device)
     rank, world_size = dist.world()
@@ -157,7 +189,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     # the last incomplete global batch of each epoch is dropped: every step sees the same number of
     # examples and every process has work (a process with none would hang DDP's all-reduce)
     steps_per_epoch = len(train_data) // global_batch
-    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    total = planned_steps(len(train_data), cfg, world_size)
 
     amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
@@ -203,7 +235,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             log_file.flush()
 
     pbar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
-    window, tokens, t_last, t_start = [], 0.0, time.perf_counter(), time.perf_counter()
+    window, metric_window, tokens, t_last = [], {}, 0.0, time.perf_counter()
+    t_start = t_last
     try:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
@@ -211,22 +244,31 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             mine = dist.shard(chunk, rank, world_size)  # [B * A] example indices for this process
             batches = [collate([train_data[j] for j in mine[i * B:(i + 1) * B]]) for i in range(A)]
             counts = [int(count_fn(b)) for b in batches]
-            n_inputs = sum(float(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+            # every *attention_mask counts: a preference batch has chosen_ and rejected_ ones
+            n_inputs = sum(float(v.sum()) for b in batches for k, v in b.items() if k.endswith("attention_mask"))
             n_total, n_inputs = dist.all_reduce_sum([float(sum(counts)), n_inputs], device)
-            loss_sum = 0.0
+            loss_sum, metric_sums = 0.0, {}
             for i, batch in enumerate(batches):
                 last = i == A - 1
                 with net.no_sync() if world_size > 1 and not last else nullcontext():
                     with autocast():
-                        loss, n = loss_fn(net, _to(batch, device))
+                        loss, n, metrics = split_output(loss_fn(net, _to(batch, device)))
                     if int(n) != counts[i]:
                         raise ValueError(f"loss_fn counted {int(n)} items in a batch where count_fn counted "
                                          f"{counts[i]}; pass a count_fn that matches the loss")
                     # weight n_i / N, times W because DDP averages the W processes' gradients
                     scaler.scale(loss.float() * (n * world_size / max(n_total, 1.0))).backward()
                 loss_sum += float(loss.detach()) * counts[i]
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * counts[i]
             step += 1
-            step_loss = dist.all_reduce_sum([loss_sum], device)[0] / max(n_total, 1.0)
+            names = sorted(metric_sums)
+            step_loss, *values = dist.all_reduce_sum([loss_sum] + [metric_sums[k] for k in names], device)
+            step_loss /= max(n_total, 1.0)
+            if names:
+                result.metrics[step] = {k: v / max(n_total, 1.0) for k, v in zip(names, values)}
+                for k, v in result.metrics[step].items():
+                    metric_window.setdefault(k, []).append(v)
 
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
@@ -242,6 +284,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             with warnings.catch_warnings():  # after an fp16 skip torch warns that optimizer.step did not run
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 scheduler.step()  # a skipped step still counts, so the schedule stays on the step count
+            if after_step is not None:
+                after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
             if cfg.fp16 and scaler.get_scale() < scale:
                 result.skipped_steps.append(step)
@@ -262,15 +306,19 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                           "loss": sum(window) / len(window) if window else step_loss, "lr": lr,
                           "grad_norm": grad_norm, "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
+                record.update({k: sum(v) / len(v) for k, v in metric_window.items()})
                 if device.type == "cuda":
                     record["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
                 log(record)
-                window, tokens, t_last = [], 0.0, now
+                window, metric_window, tokens, t_last = [], {}, 0.0, now
             if val_data and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                eval_loss = evaluate(model, val_data, collate, loss_fn, cfg.per_device_eval_batch_size or B,
-                                     device, autocast)
+                eval_loss, eval_metrics = evaluate_metrics(model, val_data, collate, loss_fn,
+                                                           cfg.per_device_eval_batch_size or B, device, autocast)
                 result.eval_losses[step] = eval_loss
-                log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})
+                if eval_metrics:
+                    result.eval_metrics[step] = eval_metrics
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss,
+                     **{f"eval_{k}": v for k, v in eval_metrics.items()}})
                 if main:
                     tqdm.write(f"step {step}: eval_loss {eval_loss:.4f}")
             if out and cfg.save_steps and step % cfg.save_steps == 0 and main:
