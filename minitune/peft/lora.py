@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..quant.linear4bit import Linear4bit
+
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 
@@ -89,11 +91,11 @@ class LoRALinear(nn.Module):
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Every adaptable linear layer: plain nn.Linear, or one already wrapped by LoRA / AdaLoRA
-    (a module with a `base_layer`), under its name from before the wrapping."""
+    """Every adaptable linear layer: plain nn.Linear, a 4-bit Linear4bit (QLoRA), or one already
+    wrapped by LoRA / AdaLoRA (a module with a `base_layer`), under its name from before the wrapping."""
     inner = (".base_layer", ".lora_A", ".lora_B")
     return [n for n, m in model.named_modules()
-            if hasattr(m, "base_layer") or (isinstance(m, nn.Linear) and not n.endswith(inner))]
+            if hasattr(m, "base_layer") or (isinstance(m, (nn.Linear, Linear4bit)) and not n.endswith(inner))]
 
 
 def match_targets(model: nn.Module, targets, *, source: str = "") -> list[str]:
@@ -147,7 +149,10 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                          "merging LoRA into it would change the embeddings too, so minitune refuses to target it")
     model.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+        base, wrapper = model.get_submodule(name), LoRALinear
+        if isinstance(base, Linear4bit):  # QLoRA: a frozen 4-bit base (lesson 09)
+            from .qlora import QLoRALinear as wrapper
+        _replace(model, name, wrapper(base, r, alpha, dropout, use_rslora))
     return model
 
 
