@@ -99,6 +99,23 @@ class Linear4bit(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The packed buffers are flat, so torch's own message ("weight_packed: copying [2048] into
+        # [1024]") hides which weight shape the state dict came from; say it in the layer's terms.
+        if prefix + "weight" in state_dict:
+            raise ValueError(f"{prefix}weight: a 16-bit weight {tuple(state_dict[prefix + 'weight'].shape)} "
+                             f"cannot load into a 4-bit layer; load the checkpoint with "
+                             f"load_pretrained(path, quantize='nf4') or quantize the model after loading")
+        for name, own in self._buffers.items():
+            got = state_dict.get(prefix + name)
+            if own is not None and got is not None and got.shape != own.shape:
+                raise ValueError(
+                    f"{prefix}{name}: the 4-bit state dict holds shape {tuple(got.shape)}, but this Linear4bit "
+                    f"(out_features={self.out_features}, in_features={self.in_features}, blocksize={self.blocksize}, "
+                    f"double_quant={self.double_quant}) needs {tuple(own.shape)}: it was quantized from a "
+                    "different weight shape or block size (another model or config?)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def double_quant(self) -> bool:
         return self.weight_absmax2 is not None
