@@ -5,7 +5,7 @@ be read (and tested) beside its equation without a model in sight.
 """
 
 from .dpo import DPO_LOSS_TYPES, dpo_loss, sequence_logps
-from .grpo import arithmetic_reward, group_advantages, grpo_loss
+from .grpo import GRPOConfig, arithmetic_problem, arithmetic_reward, group_advantages, grpo_loss, grpo_step, train_grpo
 from .ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -21,6 +21,17 @@ from .ppo import (
     ppo_policy_loss,
     ppo_value_loss,
     repetition_rate,
+)
+from .ppo_trainer import (
+    PPOConfig,
+    Rollout,
+    ppo_step,
+    reference_logprobs,
+    response_logprobs,
+    sample_rollout,
+    score_responses,
+    text_reward,
+    train_ppo,
 )
 from .reward import RewardModel, gather_last, last_token_index, pairwise_loss, reward_accuracy
 
@@ -50,4 +61,17 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "arithmetic_reward",
+    "arithmetic_problem",
+    "PPOConfig",
+    "Rollout",
+    "sample_rollout",
+    "response_logprobs",
+    "reference_logprobs",
+    "score_responses",
+    "text_reward",
+    "ppo_step",
+    "train_ppo",
+    "GRPOConfig",
+    "grpo_step",
+    "train_grpo",
 ]

@@ -18,17 +18,26 @@ unbiased and always >= 0:
 Normalisation: as in the paper, each sequence's tokens are averaged first (1/|o_i|), then
 sequences are averaged, so every response weighs the same whatever its length.  (Later
 work, e.g. DAPO, averages over all tokens of the batch instead; not done here.)
+
+The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers: sample G responses
+per prompt, score them with the rule, group-normalise, then a few clipped updates.  Two
+models only: the actor and the frozen reference (no critic, no learned reward model).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
-from .ppo import masked_mean
+from ..train.optim import make_optimizer
+from ..train.trainer import seed_everything
+from .ppo import collapse_stats, collapse_warnings, masked_mean
+from .ppo_trainer import reference_logprobs, response_logprobs, run_steps, sample_rollout, score_responses
 
-__all__ = ["group_advantages", "grpo_loss", "arithmetic_reward"]
+__all__ = ["group_advantages", "grpo_loss", "arithmetic_reward", "GRPOConfig", "grpo_step", "train_grpo"]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -86,23 +95,126 @@ def grpo_loss(
     # END EXERCISE
 
 
-_PROBLEM = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=")
+_PROBLEM = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=")  # "12+7=", "3 * 4 ="
+# Question phrasings (the tiny world's "What is 3+4?", "How much is 3 plus 4?", "Add 3 and 4."):
+_WORDED = re.compile(r"(-?\d+)\s*([+\-*]|plus|minus|times)\s*(-?\d+)|(?:sum of|add)\s+(-?\d+)\s+and\s+(-?\d+)", re.I)
 _NUMBER = re.compile(r"-?\d+")
+_OPS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "times": "*"}
+
+
+def arithmetic_problem(prompt: str) -> tuple[int, str, int]:
+    """(a, op, b) of the last problem in the prompt: "a op b =" first, else a worded question."""
+    problems = _PROBLEM.findall(prompt)
+    if problems:
+        a, op, b = problems[-1]
+        return int(a), op, int(b)
+    worded = _WORDED.findall(prompt)
+    if not worded:
+        raise ValueError(f"no 'a+b=' style problem (nor 'a plus b', 'sum of a and b') found in prompt {prompt!r}")
+    a, op, b, sa, sb = worded[-1]
+    return (int(a), _OPS[op.lower()], int(b)) if op else (int(sa), "+", int(sb))
 
 
 def arithmetic_reward(prompt: str, response: str) -> float:
     """Rule-checked reward: 1.0 if the first integer in the response is the answer, else 0.0.
 
     The problem is the last "a op b =" in the prompt (op one of + - *), so a chat template
-    or instructions before it do not matter.  No number in the response -> 0.0.
-    A rule, not a learned RM: it cannot be reward-hacked, which is why GRPO-style training
-    on checkable tasks (maths, code) works so well.
+    or instructions before it do not matter; without one, a question such as "What is 3+4?"
+    or "Tell me the sum of 3 and 4." (the tiny world's phrasings).  No number in the
+    response -> 0.0.  A rule, not a learned RM: it cannot be reward-hacked, which is why
+    GRPO-style training on checkable tasks (maths, code) works so well.
     """
-    problems = _PROBLEM.findall(prompt)
-    if not problems:
-        raise ValueError(f"no 'a+b=' style problem found in prompt {prompt!r}")
-    a, op, b = problems[-1]
-    a, b = int(a), int(b)
+    a, op, b = arithmetic_problem(prompt)
     answer = a + b if op == "+" else a - b if op == "-" else a * b
     found = _NUMBER.search(response)
     return 1.0 if found is not None and int(found.group()) == answer else 0.0
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO knobs, under trl's GRPOConfig names where it has them."""
+
+    steps: int = 20  # GRPO steps: each samples a fresh batch
+    batch_size: int = 8  # prompts per step
+    num_generations: int = 8  # G, responses sampled per prompt (the group)
+    mini_batch_size: int = 16  # responses per gradient step
+    num_iterations: int = 1  # passes over each batch (trl's mu; > 1 is when the clip starts to bite)
+    learning_rate: float = 1e-5
+    beta: float = 0.04  # weight of the k3 KL to the reference (trl's default)
+    cliprange: float = 0.2  # epsilon of the clipped ratio
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature: the group needs diversity to have a signal
+    top_k: int | None = None
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_path: str | None = None  # JSONL, one record per step
+    warn: bool = True  # print collapse_warnings as they fire
+
+    def __post_init__(self):
+        if (self.batch_size * self.num_generations) % self.mini_batch_size:
+            raise ValueError(f"batch_size * num_generations = {self.batch_size * self.num_generations} must be a "
+                             f"multiple of mini_batch_size {self.mini_batch_size}")
+
+
+def grpo_step(actor, reference, reward, optimizer, prompts: list[list[int]], cfg: GRPOConfig, stop_ids: list[int],
+              pad_id: int, step: int = 0) -> dict:
+    """Sample G responses per prompt, score, group-normalise, then clipped updates. Returns the numbers."""
+    G = cfg.num_generations
+    rows = [p for p in prompts for _ in range(G)]  # group by group: the layout group_advantages expects
+    roll = sample_rollout(actor, rows, cfg.max_new_tokens, stop_ids, pad_id, cfg.temperature, cfg.top_k,
+                          seed=cfg.seed * 100_003 + step)
+    mask = roll.response_mask  # [B*G, N]
+    with torch.no_grad():
+        old_logp = response_logprobs(actor, roll)  # [B*G, N]
+        ref_logp = reference_logprobs(reference, actor, roll)
+        scores = score_responses(reward, roll)  # [B*G]
+        advantages = group_advantages(scores, G)  # [B*G]
+        flat_groups = (scores.view(-1, G).std(dim=1) == 0).float().mean().item()
+
+    sums, n_updates = {"loss": 0.0, "token_kl": 0.0, "clip_frac": 0.0}, 0
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    for _ in range(cfg.num_iterations):
+        for mb in torch.randperm(len(rows), generator=g).split(cfg.mini_batch_size):
+            logp = response_logprobs(actor, roll.index(mb))
+            loss, kl, clip_frac = grpo_loss(logp, old_logp[mb], ref_logp[mb], advantages[mb], mask[mb],
+                                            cfg.cliprange, cfg.beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in (("loss", loss), ("token_kl", kl), ("clip_frac", clip_frac)):
+                sums[k] += float(v.detach())
+            n_updates += 1
+
+    seq_kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # sequence KL at the rollout (k1)
+    stats = {"step": step + 1, "reward": scores.mean().item(), "kl": seq_kl, "flat_groups": flat_groups,
+             **{k: v / n_updates for k, v in sums.items()}, **collapse_stats(roll.responses, mask)}
+    stats["warnings"] = collapse_warnings(stats)
+    return stats
+
+
+def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConfig, stop_ids: list[int],
+               pad_id: int, on_step=None) -> list[dict]:
+    """Run cfg.steps GRPO steps on prompts drawn from ``prompts`` (token lists); returns the step records.
+
+    reference: a frozen model, or None for the actor with its LoRA adapters off; reward: a rule
+    ``reward(prompt_ids, response_ids)`` (see ppo_trainer.text_reward) or a RewardModel.
+    """
+    seed_everything(cfg.seed)
+    if isinstance(reference, nn.Module):
+        reference.eval().requires_grad_(False)
+    optimizer = make_optimizer(actor, cfg.learning_rate)
+    g = torch.Generator().manual_seed(cfg.seed)
+    actor.train()
+
+    def step_fn(step):
+        batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()]
+        return grpo_step(actor, reference, reward, optimizer, batch, cfg, stop_ids, pad_id, step)
+
+    return run_steps("grpo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl",
+                     "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step)
