@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
-FINETUNING_TYPES = ("full", "freeze", "lora", "qlora")
+FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")
+PEFT_TYPES = ("lora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-08, minitune.peft
 SCHEDULERS = ("cosine", "linear", "constant")
 # keys of LLaMA-Factory example configs that change nothing here; accepted with a note, so its files load
 IGNORED_KEYS = ("do_train", "do_eval", "overwrite_cache", "overwrite_output_dir", "preprocessing_num_workers",
@@ -43,7 +44,7 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     # what to train
     stage: str = "sft"  # training stage: sft (later: rm, ppo, dpo)
-    finetuning_type: str = "full"  # which weights train: full (later: lora, qlora)
+    finetuning_type: str = "full"  # which weights train: full | lora | adalora | adapter | prefix | prompt | ptuning
     model_name_or_path: str | None = None  # checkpoint folder (config.json + safetensors + tokenizer)
     dataset: str | list[str] | None = None  # data file(s): JSON/JSONL in Alpaca, ShareGPT or OpenAI format
     template: str = "chatml"  # chat template name, see minitune.data.TEMPLATES
@@ -72,6 +73,27 @@ class TrainConfig:
     resume: bool = False  # continue from the last checkpoint in output_dir
     seed: int = 42  # seeds python, numpy and torch; also the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # parameter-efficient fine-tuning (finetuning_type other than full; minitune/peft, lessons 06-08)
+    lora_rank: int = 8  # LoRA rank r
+    lora_alpha: float | None = None  # LoRA / AdaLoRA alpha (None: 2 x the rank, as LLaMA-Factory)
+    lora_dropout: float = 0.0  # dropout on the LoRA / AdaLoRA path
+    lora_target: str | list[str] = "all"  # layers to adapt: all (every linear but lm_head) or names, e.g. q_proj,v_proj
+    use_rslora: bool = False  # rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r
+    adalora_init_r: int = 12  # AdaLoRA: starting rank of every adapted layer
+    adalora_target_r: int = 8  # AdaLoRA: average rank per layer after pruning
+    adalora_tinit: int = 0  # AdaLoRA: warm-up steps at the full rank budget
+    adalora_tfinal: int = 0  # AdaLoRA: last steps with the ranks frozen
+    adalora_deltaT: int = 1  # AdaLoRA: prune every deltaT steps while the budget falls
+    adalora_orth_reg_weight: float = 0.5  # AdaLoRA: weight of the orthogonality regulariser in the loss
+    adapter_bottleneck: int = 64  # adapter: bottleneck width
+    adapter_mode: str = "serial"  # adapter: serial (Houlsby, after each sublayer) | parallel (beside it)
+    num_virtual_tokens: int = 20  # prefix / prompt / ptuning: number of virtual tokens
+    pre_seq_len: int | None = None  # ChatGLM's name for num_virtual_tokens (wins when set)
+    prefix_projection: bool = False  # prefix: reparameterise the prefix through an MLP
+    encoder_reparameterization_type: str = "MLP"  # ptuning: MLP | LSTM prompt encoder
+    encoder_hidden_size: int | None = None  # prefix MLP / ptuning encoder width (None: the model's)
+    prompt_tuning_init_text: str | None = None  # prompt: start the soft prompt from this text's embeddings
+    export_dir: str | None = None  # lora / adalora: also write the merged full model here
 
     def __post_init__(self):
         self.validate()
@@ -99,6 +121,44 @@ class TrainConfig:
         for key in ("plot_loss", "resume"):
             if getattr(self, key) and not self.output_dir:
                 bad(key, "needs an output_dir (where the picture / the checkpoints are)")
+        self.validate_peft(bad)
+
+    def validate_peft(self, bad):
+        """The parameter-efficient settings (only those the chosen finetuning_type reads are checked)."""
+        ft = self.finetuning_type
+        positive = {"lora": ("lora_rank",), "adalora": ("adalora_init_r", "adalora_target_r", "adalora_deltaT"),
+                    "adapter": ("adapter_bottleneck",), "prefix": ("num_virtual_tokens", "pre_seq_len"),
+                    "prompt": ("num_virtual_tokens", "pre_seq_len"), "ptuning": ("num_virtual_tokens", "pre_seq_len",
+                                                                                 "encoder_hidden_size")}
+        for key in positive.get(ft, ()):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if ft in ("lora", "adalora") and not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if ft == "adalora":
+            if self.adalora_target_r > self.adalora_init_r:
+                bad("adalora_target_r", f"{self.adalora_target_r} is above adalora_init_r {self.adalora_init_r}; "
+                                        "AdaLoRA only prunes")
+            for key in ("adalora_tinit", "adalora_tfinal"):
+                if getattr(self, key) < 0:
+                    bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if ft == "adapter" and self.adapter_mode not in ("serial", "parallel"):
+            bad("adapter_mode", f"{self.adapter_mode!r} is not one of serial, parallel")
+        if ft == "ptuning" and self.encoder_reparameterization_type.upper() not in ("MLP", "LSTM"):
+            bad("encoder_reparameterization_type", f"{self.encoder_reparameterization_type!r} is not one of MLP, LSTM")
+        if self.export_dir and ft not in ("lora", "adalora"):
+            bad("export_dir", f"merging into the weights needs finetuning_type lora or adalora, not {ft}")
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """`lora_target` as minitune.peft takes it: "all-linear", or a list of module names."""
+        items = self.lora_target if isinstance(self.lora_target, list) else self.lora_target.split(",")
+        items = [t.strip() for t in items if t.strip()]
+        return "all-linear" if items in (["all"], ["all-linear"]) else items
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.pre_seq_len or self.num_virtual_tokens
 
     @property
     def datasets(self) -> list[str]:
