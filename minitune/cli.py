@@ -110,9 +110,10 @@ def training_hooks(model, cfg: TrainConfig, n_train: int) -> dict:
 
     def loss_fn(net, batch):
         loss, n = causal_lm_loss(net, batch)
-        if net.training and weight:  # the logged training loss includes it, as in PEFT
-            loss = loss + orth_regularizer(model, weight)
-        return loss, n
+        if not (net.training and weight):
+            return loss, n
+        reg = orth_regularizer(model, weight)  # the logged training loss includes it, as in PEFT
+        return loss + reg, n, {"orth_reg": reg.detach()}
 
     def after_step(model, step):
         controller.update_and_allocate(model, step)

@@ -192,9 +192,10 @@ def test_adalora_regulariser_joins_the_training_loss_only(tiny_dir):
     from minitune.peft import orth_regularizer
 
     model.train()
-    loss, n = hooks["loss_fn"](model, batch)
+    loss, n, metrics = hooks["loss_fn"](model, batch)
     plain, n2 = causal_lm_loss(model, batch)
     torch.testing.assert_close(loss, plain + orth_regularizer(model, 0.5))
+    torch.testing.assert_close(metrics["orth_reg"], orth_regularizer(model, 0.5).detach())  # logged on its own
     assert n == n2 and float(orth_regularizer(model, 0.5).detach()) > 0
     model.eval()
     torch.testing.assert_close(hooks["loss_fn"](model, batch)[0], causal_lm_loss(model, batch)[0])
