@@ -1,0 +1,152 @@
+"""The PPO loop on a tiny random model with a rule reward: it learns, the reference stays put,
+rollouts respect EOS and masks, the collapse watch fires; lesson 11 runs in --fast mode."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitune.model import ModelConfig, Transformer
+from minitune.rlhf import PPOConfig, RewardModel, ppo_step, response_logprobs, sample_rollout, train_ppo
+from minitune.rlhf.ppo import FixedKLController, logprobs_from_logits
+from minitune.train import make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PAD, EOS, TARGET = 0, 1, 5
+CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
+PROMPTS = [[2 + i % 7, 3 + i % 5, 4][: 2 + i % 2] for i in range(32)]  # lengths 2 and 3: left padding happens
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(CFG)
+
+
+def target_rate(prompt_ids, response_ids):
+    """The rule reward: the fraction of response tokens that are TARGET (EOS excluded)."""
+    body = [t for t in response_ids if t != EOS]
+    return sum(t == TARGET for t in body) / max(len(body), 1)
+
+
+def mean_target_rate(actor, n=64, seed=123):
+    roll = sample_rollout(actor, [PROMPTS[i % len(PROMPTS)] for i in range(n)], 6, [EOS], PAD, seed=seed)
+    rows = [[t for t, m in zip(r, mk) if m] for r, mk in zip(roll.responses.tolist(), roll.response_mask.tolist())]
+    return sum(target_rate(None, r) for r in rows) / n
+
+
+def bias_token(model, token, amount):
+    """Make `token` (much) more likely at every position: a hook on the LM head's logits."""
+    bias = torch.zeros(CFG.vocab_size)
+    bias[token] = amount
+    return model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+
+
+def test_ppo_raises_the_rule_reward_and_keeps_the_reference_fixed():
+    actor = tiny()
+    reference, critic = copy.deepcopy(actor), RewardModel(copy.deepcopy(actor))
+    ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
+    before = mean_target_rate(actor)
+    cfg = PPOConfig(steps=8, batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=3e-3, init_kl_coef=0.05,
+                    max_new_tokens=6, warn=False)
+    records = train_ppo(actor, critic, reference, target_rate, PROMPTS, cfg, [EOS], PAD)
+    after = mean_target_rate(actor)
+    assert after > before + 0.1, (before, after)
+    kls = [r["kl"] for r in records]
+    assert all(torch.isfinite(torch.tensor(kls))) and abs(kls[-1]) < 50
+    for key in ("reward", "kl", "kl_coef", "clip_frac", "entropy", "response_length", "repetition_rate", "value_loss"):
+        assert key in records[-1]
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ref_before.items())
+
+
+def test_reward_model_and_reference_never_change_while_actor_and_critic_do(tmp_path):
+    actor = tiny()
+    reference, critic, rm = copy.deepcopy(actor), RewardModel(copy.deepcopy(actor)), RewardModel(tiny(1))
+    frozen = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("ref", reference), ("rm", rm))}
+    actor0, critic0 = copy.deepcopy(actor.state_dict()), copy.deepcopy(critic.state_dict())
+    log = tmp_path / "ppo.jsonl"
+    cfg = PPOConfig(steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-3, max_new_tokens=4,
+                    adap_kl_ctrl=True, target_kl=0.1, horizon=100, log_path=str(log), warn=False)
+    records = train_ppo(actor, critic, reference, rm, PROMPTS, cfg, [EOS], PAD)
+    for name, m in (("ref", reference), ("rm", rm)):
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in frozen[name].items()), name
+    assert any(not torch.equal(v, actor.state_dict()[k]) for k, v in actor0.items())
+    assert any(not torch.equal(v, critic.state_dict()[k]) for k, v in critic0.items())
+    assert len(log.read_text().splitlines()) == 2
+    assert records[0]["kl_coef"] == cfg.init_kl_coef  # the adaptive controller moves it after the step
+
+
+def test_rollouts_stop_at_eos_and_mask_padding():
+    actor = tiny()
+    hook = bias_token(actor, EOS, 1.5)  # EOS likely but not certain: rows stop at different columns
+    roll = sample_rollout(actor, PROMPTS[:12], max_new_tokens=8, stop_ids=[EOS], pad_id=PAD, seed=0)
+    hook.remove()
+    P = roll.prompt_len
+    for i, prompt in enumerate(PROMPTS[:12]):
+        assert roll.attention_mask[i, :P].tolist() == [0] * (P - len(prompt)) + [1] * len(prompt)
+        resp, m = roll.responses[i].tolist(), roll.response_mask[i].tolist()
+        stop = resp.index(EOS) if EOS in resp else len(resp) - 1
+        assert m == [1] * (stop + 1) + [0] * (len(resp) - stop - 1)  # the stop token itself is real
+        assert all(t == EOS for t in resp[stop + 1:])  # the generator's filler after a stop
+        assert roll.attention_mask[i, P:].tolist() == m
+    assert roll.response_mask.sum(1).min() >= 1 and roll.response_mask.sum(1).max() > 1
+
+    # log-probs of the padded batch equal those of each row alone, unpadded
+    with torch.no_grad():
+        logp = response_logprobs(actor, roll)
+        for i in range(12):
+            real = [t for t, a in zip(roll.ids[i].tolist(), roll.attention_mask[i].tolist()) if a]
+            n_prompt = int(roll.attention_mask[i, :P].sum())
+            logits = actor(torch.tensor([real]))[:, n_prompt - 1:-1]
+            alone = logprobs_from_logits(logits, torch.tensor([real[n_prompt:]]))[0]
+            n = int(roll.response_mask[i].sum())
+            assert torch.allclose(logp[i, :n], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("collapse", ["eos", "loop"])
+def test_collapse_warnings_fire_on_a_forced_collapse(collapse, capsys):
+    actor = tiny()
+    # EOS-only: EOS overwhelmingly likely. Loop: token 7 overwhelmingly likely, EOS never.
+    hooks = [bias_token(actor, EOS, 50.0)] if collapse == "eos" else [bias_token(actor, 7, 50.0),
+                                                                       bias_token(actor, EOS, -50.0)]
+    reference, critic = copy.deepcopy(actor), RewardModel(copy.deepcopy(actor))
+    cfg = PPOConfig(steps=1, batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-4, init_kl_coef=0.0,
+                    max_new_tokens=8)
+    records = train_ppo(actor, critic, reference, target_rate, PROMPTS, cfg, [EOS], PAD)
+    for h in hooks:
+        h.remove()
+    rec = records[0]
+    want = "EOS-only collapse" if collapse == "eos" else "loop collapse"
+    assert any(want in w for w in rec["warnings"]), rec["warnings"]
+    assert want in capsys.readouterr().out  # printed, not only logged
+    if collapse == "eos":
+        assert rec["response_length"] == 1.0 and rec["short_frac"] == 1.0
+    else:
+        assert rec["repetition_rate"] > 0.5 and rec["response_length"] == 8.0
+
+
+def test_healthy_rollout_has_no_warnings():
+    actor = tiny()
+    reference, critic = copy.deepcopy(actor), RewardModel(copy.deepcopy(actor))
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=8)
+    rec = ppo_step(actor, critic, reference, target_rate, make_optimizer(actor, 1e-4), make_optimizer(critic, 1e-4),
+                   PROMPTS[:8], cfg, FixedKLController(0.1), [EOS], PAD)
+    assert rec["warnings"] == [] and rec["response_length"] > 1.5
+
+
+def test_config_checks_minibatch_divides_batch():
+    with pytest.raises(ValueError, match="multiple of mini_batch_size"):
+        PPOConfig(batch_size=10, mini_batch_size=4)
+
+
+@pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(),
+                    reason="weights/tiny is not built yet (python -m minitune.tiny.build --out weights/tiny)")
+def test_lesson_11_fast_runs():
+    out = subprocess.run([sys.executable, "lessons/11-ppo/run.py", "--fast"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for expected in ("GAE by hand", "healthy run", "collapsed run", "WARNING"):
+        assert expected in out.stdout, expected
