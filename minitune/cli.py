@@ -17,6 +17,7 @@ import torch
 from .train.config import FIELDS, PEFT_TYPES, TrainConfig, TrainConfigError, coerce, flag_help, load_config
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
+IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
 # adapters and soft prompts have no PEFT file layout here: their trainable tensors go in these two files
 METHOD_FILE, METHOD_WEIGHTS = "minitune_adapter.json", "minitune_adapter.safetensors"
 METHOD_KEYS = {"adapter": ("adapter_bottleneck", "adapter_mode"),
@@ -187,6 +188,8 @@ def run_train(cfg: TrainConfig):
     from .data import PaddingCollator, load_examples, prepare_sft
     from .train import distributed, train
 
+    if cfg.stage in ("ppo", "grpo"):
+        return run_rl(cfg)
     model, tok = load_for_training(cfg)
     examples = [ex for path in cfg.datasets for ex in load_examples(path).examples]
     data = prepare_sft(examples, tok, cfg.template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
@@ -202,6 +205,74 @@ def run_train(cfg: TrainConfig):
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def rl_prompts(cfg: TrainConfig, tok) -> list[list[int]]:
+    """ppo / grpo prompts: each example's conversation up to its last reply, rendered with the
+    template and the assistant header; prompts that leave no room for max_new_tokens are skipped."""
+    from .data import encode_segments, get_template, load_examples
+
+    template, prompts, skipped = get_template(cfg.template), [], 0
+    for path in cfg.datasets:
+        for messages in load_examples(path).examples:
+            turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+            ids = encode_segments(tok, template.segments(turns, add_generation_prompt=True))[0]
+            if len(ids) + cfg.max_new_tokens > cfg.cutoff_len:
+                skipped += 1
+                continue
+            prompts.append(ids)
+    print(f"prompts: {len(prompts)}" + (f" ({skipped} skipped: longer than cutoff_len - max_new_tokens)" if skipped else ""))
+    if not prompts:
+        raise SystemExit("error: no prompts left for ppo/grpo (check dataset and cutoff_len)")
+    return prompts
+
+
+def run_rl(cfg: TrainConfig):
+    """stage ppo / grpo (lessons 11, 13): the actor is the model (full, or LoRA with the reference =
+    the adapter switched off); the reward is a reward model folder or the tiny world's rule."""
+    import copy
+    import math
+
+    import minitune
+
+    from .rlhf import GRPOConfig, PPOConfig, RewardModel, arithmetic_reward, text_reward, train_grpo, train_ppo
+    from .rlhf.reward import load_reward_model
+    from .tiny.evaluate import stop_ids
+    from .tiny.tasks import preference_score
+
+    actor, tok = load_for_training(cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    base = minitune.load_pretrained(cfg.model_name_or_path, device=device, dtype=torch.float32)[0]
+    actor.to(device)
+    reference = None if cfg.finetuning_type == "lora" else copy.deepcopy(base)  # None: the adapter off
+    stops, prompts = stop_ids(tok), rl_prompts(cfg, tok)
+    pad = tok.pad_id if tok.pad_id is not None else stops[0]
+    if cfg.reward_model:
+        reward = load_reward_model(cfg.reward_model, device=device)[0]
+    else:
+        reward = text_reward(preference_score if cfg.stage == "ppo" else arithmetic_reward, tok, stops)
+    mini = cfg.per_device_train_batch_size
+    batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
+    log = str(Path(cfg.output_dir) / "trainer_log.jsonl")
+    if cfg.stage == "ppo":
+        steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
+        rl = PPOConfig(steps=steps, batch_size=batch, mini_batch_size=mini, ppo_epochs=cfg.ppo_epochs,
+                       learning_rate=cfg.learning_rate, init_kl_coef=0.2 if cfg.init_kl_coef is None else cfg.init_kl_coef,
+                       adap_kl_ctrl=cfg.ppo_target is not None, target_kl=cfg.ppo_target or 6.0,
+                       max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
+                       seed=cfg.seed, log_path=log)
+        records = train_ppo(actor, RewardModel(base).to(device), reference, reward, prompts, rl, stops, pad)
+    else:
+        steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
+        rl = GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,
+                        mini_batch_size=mini * cfg.num_generations, learning_rate=cfg.learning_rate,
+                        beta=0.04 if cfg.init_kl_coef is None else cfg.init_kl_coef, max_new_tokens=cfg.max_new_tokens,
+                        max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log)
+        records = train_grpo(actor, reference, reward, prompts, rl, stops, pad)
+    first, last = records[0], records[-1]
+    saved = save_trained(actor.cpu(), tok, cfg)
+    print(f"{cfg.stage}: {len(records)} steps in {last['seconds']:.1f} s; reward {first['reward']:.3f} -> "
+          f"{last['reward']:.3f}, KL to the reference {last['kl']:.3f}; {saved}; log {log}")
 
 
 # ----------------------------------------------------------------------------- generate / chat

@@ -94,6 +94,13 @@ class TrainConfig:
     encoder_hidden_size: int | None = None  # prefix MLP / ptuning encoder width (None: the model's)
     prompt_tuning_init_text: str | None = None  # prompt: start the soft prompt from this text's embeddings
     export_dir: str | None = None  # lora / adalora: also write the merged full model here
+    # RLHF by reinforcement learning (stage ppo / grpo; minitune/rlhf, lessons 11 and 13)
+    reward_model: str | None = None  # ppo / grpo: reward model folder (None: ppo the tiny world's preference rule, grpo the arithmetic check)
+    ppo_epochs: int = 4  # ppo: passes over each rollout batch
+    ppo_target: float | None = None  # ppo: target KL of the adaptive KL controller (None: a fixed init_kl_coef)
+    init_kl_coef: float | None = None  # ppo: KL penalty coefficient; grpo: beta of the k3 KL (None: 0.2 / 0.04)
+    max_new_tokens: int = 24  # ppo / grpo: longest sampled response
+    num_generations: int = 8  # grpo: responses sampled per prompt (the group)
 
     def __post_init__(self):
         self.validate()
