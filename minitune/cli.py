@@ -18,6 +18,7 @@ from .train.config import FIELDS, PEFT_TYPES, TrainConfig, TrainConfigError, coe
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
+IMPLEMENTED |= {("rm", "full"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
 # adapters and soft prompts have no PEFT file layout here: their trainable tensors go in these two files
 METHOD_FILE, METHOD_WEIGHTS = "minitune_adapter.json", "minitune_adapter.safetensors"
 METHOD_KEYS = {"adapter": ("adapter_bottleneck", "adapter_mode"),
@@ -190,6 +191,8 @@ def run_train(cfg: TrainConfig):
 
     if cfg.stage in ("ppo", "grpo"):
         return run_rl(cfg)
+    if cfg.stage in ("rm", "dpo"):
+        return run_preference(cfg)
     model, tok = load_for_training(cfg)
     examples = [ex for path in cfg.datasets for ex in load_examples(path).examples]
     data = prepare_sft(examples, tok, cfg.template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
@@ -203,6 +206,44 @@ def run_train(cfg: TrainConfig):
         saved = save_trained(model, tok, cfg)
         print(f"trained {result.global_step} steps in {result.runtime_s:.1f} s; {saved}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_preference(cfg: TrainConfig):
+    """stage rm / dpo (lessons 10, 12) on {"prompt", "chosen", "rejected"} data. rm: the model plus a value
+    head, saved as the model folder + value_head.safetensors. dpo: the model (full or LoRA) against itself
+    before training as the reference (pref_beta, pref_loss, dpo_label_smoothing)."""
+    from .data.formats import iter_records
+    from .rlhf.dpo import train_dpo
+    from .rlhf.reward import RewardModel, prepare_pairs, save_reward_model, train_reward_model
+    from .train import distributed
+
+    model, tok = load_for_training(cfg)
+    paths = cfg.datasets
+    records = paths[0] if len(paths) == 1 else [rec for p in paths for _, rec in iter_records(p)]
+    data = prepare_pairs(records, tok, cfg.template, cfg.cutoff_len, cfg.val_size, cfg.seed)
+    main = distributed.is_main()
+    if main:
+        print(f"data: {data.report.summary()}" + "".join(f"\n  {n}" for n in data.report.notes))
+    if not data.train:
+        raise SystemExit("error: no usable preference pairs left (see the counts above)")
+    if cfg.stage == "rm":
+        rm = RewardModel(model)
+        result = train_reward_model(rm, data, cfg, tok)
+        if main:
+            save_reward_model(rm, tok, cfg.output_dir)
+            saved = f"reward model saved to {cfg.output_dir}"
+    else:
+        result = train_dpo(model, data, cfg, tok)
+        if main:
+            saved = save_trained(model, tok, cfg)
+    if main:
+        last = result.metrics.get(result.global_step, {})
+        evals = {f"eval_{k}": v for k, v in result.eval_metrics.get(result.global_step, {}).items()}
+        shown = {k: round(v, 4) for k, v in {**last, **evals}.items()}
+        print(f"{cfg.stage}: trained {result.global_step} steps in {result.runtime_s:.1f} s; last step {shown}; "
+              f"{saved}" + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

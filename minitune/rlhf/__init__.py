@@ -4,7 +4,8 @@ The losses, estimators and controllers here are plain functions on tensors, so e
 be read (and tested) beside its equation without a model in sight.
 """
 
-from .dpo import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from .dpo import (DPO_LOSS_TYPES, add_reference_logps, dpo_loss, dpo_loss_fn, policy_logps, response_kl,
+                  sequence_logps, train_dpo)
 from .grpo import GRPOConfig, arithmetic_problem, arithmetic_reward, group_advantages, grpo_loss, grpo_step, train_grpo
 from .ppo import (
     AdaptiveKLController,
@@ -33,7 +34,9 @@ from .ppo_trainer import (
     text_reward,
     train_ppo,
 )
-from .reward import RewardModel, gather_last, last_token_index, pairwise_loss, reward_accuracy
+from .reward import (PairCollator, PairData, PairReport, RewardModel, gather_last, last_token_index,
+                     load_reward_model, pairwise_loss, prepare_pairs, reward_accuracy, reward_loss_fn,
+                     save_reward_model, score_pairs, stack_pairs, train_reward_model)
 
 __all__ = [
     "RewardModel",
@@ -41,6 +44,16 @@ __all__ = [
     "reward_accuracy",
     "last_token_index",
     "gather_last",
+    "PairReport",
+    "PairData",
+    "prepare_pairs",
+    "PairCollator",
+    "stack_pairs",
+    "reward_loss_fn",
+    "train_reward_model",
+    "score_pairs",
+    "save_reward_model",
+    "load_reward_model",
     "logprobs_from_logits",
     "entropy_from_logits",
     "masked_mean",
@@ -58,6 +71,11 @@ __all__ = [
     "dpo_loss",
     "sequence_logps",
     "DPO_LOSS_TYPES",
+    "policy_logps",
+    "dpo_loss_fn",
+    "add_reference_logps",
+    "train_dpo",
+    "response_kl",
     "group_advantages",
     "grpo_loss",
     "arithmetic_reward",

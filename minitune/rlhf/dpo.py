@@ -27,9 +27,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..peft.lora import disable_lora, lora_layers
 from .ppo import logprobs_from_logits
+from .reward import PairCollator, PairData, stack_pairs
 
-__all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES"]
+__all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES", "policy_logps", "dpo_loss_fn", "add_reference_logps",
+           "train_dpo", "response_kl"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -91,3 +94,138 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     safe_labels = labels.masked_fill(~mask, 0)  # any valid id; zeroed by the mask below
     token_logps = logprobs_from_logits(logits, safe_labels)  # [B, T-1]
     return (token_logps * mask).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# The training loop: minitune.train with a DPO loss_fn
+# ---------------------------------------------------------------------------
+
+
+def policy_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen | prompt), log pi(rejected | prompt): [B] each, one forward over the 2B rows."""
+    ids, mask, labels = stack_pairs(batch)  # [2B, T]
+    logps = sequence_logps(model(ids, attention_mask=mask), labels)  # [2B]
+    return logps.chunk(2)
+
+
+def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """A loss_fn for minitune.train: DPO on one batch of pairs, counted in pairs.
+
+    The reference log-probs come from the batch ("ref_chosen_logps", "ref_rejected_logps", see
+    add_reference_logps) or, when absent, from the same model with its LoRA adapters switched off.
+    Returns TRL's metric names, which the trainer writes into its log: the implicit rewards
+    beta * log(pi / pi_ref) of each side, their accuracy (chosen > rejected) and margin.
+    """
+    def loss_fn(model, batch: dict):
+        chosen, rejected = policy_logps(model, batch)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            if not lora_layers(model):
+                raise ValueError("no reference log-probs in the batch and no LoRA adapters to switch off; "
+                                 "run add_reference_logps on the data first")
+            with torch.no_grad(), disable_lora(model):
+                ref_chosen, ref_rejected = policy_logps(model, batch)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
+                                                          beta, label_smoothing, loss_type)
+        metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                   "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                   "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+        return loss, chosen.shape[0], metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def add_reference_logps(model, features: list[dict], tokenizer, batch_size: int = 32) -> list[dict]:
+    """Copies of `features` with "ref_chosen_logps" / "ref_rejected_logps" of the reference policy.
+
+    The reference is `model` as it is now (call before training: DPO's pi_ref is the SFT model),
+    with LoRA adapters switched off if it has any. Computed once, so training needs no second model
+    in memory and no second forward pass per step. Runs on the model's current device.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collate, out = PairCollator(tokenizer), []
+    with disable_lora(model):
+        for i in range(0, len(features), batch_size):
+            part = features[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(part).items()}
+            chosen, rejected = policy_logps(model, batch)
+            out += [{**f, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+                    for f, c, r in zip(part, chosen.tolist(), rejected.tolist())]
+    model.train(was_training)
+    return out
+
+
+def train_dpo(model, data: PairData, cfg, tokenizer, beta: float | None = None, loss_type: str | None = None,
+              label_smoothing: float | None = None):
+    """DPO with minitune.train: reference log-probs first, then the policy trains on data.train.
+
+    beta, loss_type, label_smoothing default to cfg.pref_beta, cfg.pref_loss, cfg.dpo_label_smoothing
+    (LLaMA-Factory's names). Returns the TrainResult; result.metrics[step] holds the logged rewards.
+    """
+    from ..train import train
+
+    beta = cfg.pref_beta if beta is None else beta
+    loss_type = cfg.pref_loss if loss_type is None else loss_type
+    label_smoothing = cfg.dpo_label_smoothing if label_smoothing is None else label_smoothing
+    dpo_loss(*torch.zeros(4, 1), beta, label_smoothing, loss_type)  # bad settings fail now, not at step 1
+    train_data = add_reference_logps(model, data.train, tokenizer)
+    val_data = add_reference_logps(model, data.val, tokenizer) if data.val else None
+    return train(model, train_data, cfg, val_data=val_data, collate=PairCollator(tokenizer),
+                 loss_fn=dpo_loss_fn(beta, loss_type, label_smoothing), tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------
+# How far did the policy move? KL to the reference on its own samples
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def response_kl(policy, reference, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
+                max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> dict:
+    """KL(pi || pi_ref) estimated on responses sampled from the policy.
+
+    KL = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], so the mean over sampled tokens of the log-ratio
+    is an unbiased per-token estimate (Schulman's k1). reference=None: the policy with LoRA off.
+    Returns {"kl_per_token", "kl_per_sequence", "tokens", "mean_length"}; a response ends with
+    (and includes) its first stop token.
+    """
+    from ..generation import generate
+
+    policy.eval()
+    device = next(policy.parameters()).device
+    ratio_sum, n_tokens, seq_kls = 0.0, 0, []
+    for i in range(0, len(prompts), batch_size):
+        rows = prompts[i:i + batch_size]
+        n = max(map(len, rows))
+        ids = torch.tensor([[pad_id] * (n - len(r)) + r for r in rows], device=device)  # left padding
+        mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = generate(policy, ids, max_new_tokens, temperature, eos_id=stop_ids, attention_mask=mask, seed=seed + i)
+        new = out[:, n:]  # [b, N]
+        is_stop = torch.isin(new, torch.tensor(stop_ids, device=device))
+        # real response tokens: everything up to and including the first stop (generate pads with stops after it)
+        resp = (is_stop.long().cumsum(-1) - is_stop.long()) == 0  # [b, N]
+        full_mask = torch.cat([mask, resp.long()], dim=1)  # [b, n + N]
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)  # the positions generate used
+        targets = out[:, 1:]  # token t+1 is predicted at position t
+
+        def logps(model):
+            logits = model(out, attention_mask=full_mask, position_ids=pos)[:, :-1]
+            return logprobs_from_logits(logits, targets)[:, n - 1:]  # [b, N]: the response tokens only
+
+        lp = logps(policy)
+        if reference is None:
+            with disable_lora(policy):
+                lr = logps(policy)
+        else:
+            lr = logps(reference)
+        ratio = (lp - lr) * resp  # [b, N]
+        ratio_sum += float(ratio.sum())
+        n_tokens += int(resp.sum())
+        seq_kls += ratio.sum(-1).tolist()
+    return {"kl_per_token": ratio_sum / max(n_tokens, 1), "kl_per_sequence": sum(seq_kls) / max(len(seq_kls), 1),
+            "tokens": n_tokens, "mean_length": n_tokens / max(len(seq_kls), 1)}

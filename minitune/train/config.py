@@ -30,6 +30,7 @@ STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; th
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")
 PEFT_TYPES = ("lora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-08, minitune.peft
 SCHEDULERS = ("cosine", "linear", "constant")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # stage dpo: minitune.rlhf.dpo.DPO_LOSS_TYPES
 # keys of LLaMA-Factory example configs that change nothing here; accepted with a note, so its files load
 IGNORED_KEYS = ("do_train", "do_eval", "overwrite_cache", "overwrite_output_dir", "preprocessing_num_workers",
                 "dataloader_num_workers", "report_to", "ddp_timeout", "trust_remote_code", "save_only_model",
@@ -101,6 +102,10 @@ class TrainConfig:
     init_kl_coef: float | None = None  # ppo: KL penalty coefficient; grpo: beta of the k3 KL (None: 0.2 / 0.04)
     max_new_tokens: int = 24  # ppo / grpo: longest sampled response
     num_generations: int = 8  # grpo: responses sampled per prompt (the group)
+    # preference optimisation (stage rm / dpo; minitune/rlhf, lessons 10 and 12)
+    pref_beta: float = 0.1  # dpo: beta, how tightly the policy is tied to the reference (larger: tighter)
+    pref_loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo | hinge
+    dpo_label_smoothing: float = 0.0  # dpo: assumed rate eps of flipped labels, in [0, 0.5) (cDPO; sigmoid only)
 
     def __post_init__(self):
         self.validate()
@@ -115,6 +120,7 @@ class TrainConfig:
                 bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.bf16 and self.fp16:
             bad("bf16", "bf16 and fp16 are both true; pick one mixed-precision dtype")
+        self.validate_preference(bad)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
@@ -166,6 +172,18 @@ class TrainConfig:
     @property
     def virtual_tokens(self) -> int:
         return self.pre_seq_len or self.num_virtual_tokens
+
+    def validate_preference(self, bad):
+        """pref_* keys (stage dpo): the loss types minitune.rlhf.dpo implements, eps below 1/2."""
+        if self.pref_loss not in PREF_LOSSES:
+            bad("pref_loss", f"{self.pref_loss!r} is not one of {', '.join(PREF_LOSSES)} (LLaMA-Factory's orpo, "
+                             "simpo and kto_pair are not implemented here)")
+        if self.pref_beta <= 0:
+            bad("pref_beta", f"must be > 0, got {self.pref_beta}")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            bad("dpo_label_smoothing", f"must be in [0, 0.5), got {self.dpo_label_smoothing}")
+        if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
+            bad("dpo_label_smoothing", f"applies to pref_loss sigmoid only, not {self.pref_loss!r}")
 
     @property
     def datasets(self) -> list[str]:
