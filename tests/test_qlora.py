@@ -182,3 +182,25 @@ def test_shape_mismatch_in_a_4bit_state_dict_is_a_clear_error(tmp_path):
 def test_merge_and_dequantize_rejects_a_non_float_dtype(trained):
     with pytest.raises(TypeError, match="dtype"):
         merge_and_dequantize(torch.nn.Linear(2, 2), torch.int8)
+
+
+def test_ex_09_2_qlora_forward_is_base_plus_scaled_low_rank():
+    """Exercise 09.2: y = base_layer(x) + (alpha / r) x A^T B^T, dropout on the low-rank path only."""
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 48, bias=True))
+    layer = QLoRALinear(base, r=4, alpha=8, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)  # B = 0 at init would hide the low-rank path
+    x = torch.randn(2, 5, 64)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    layer.eval()
+    want = base(x) + 2.0 * (x @ a.T @ b.T)
+    assert layer(x).shape == (2, 5, 48)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    layer.train()  # dropout hits x on the way into A, never the base path
+    torch.manual_seed(1)
+    got = layer(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(got, base(x) + 2.0 * (dropped @ a.T @ b.T), rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert a.grad is not None and b.grad is not None and base.weight_packed.grad is None

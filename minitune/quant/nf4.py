@@ -195,6 +195,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     check_blocksize(blocksize)
     x = w.detach().reshape(-1).float()  # all maths in float32, whatever the input dtype
     n = x.numel()
+    # BEGIN EXERCISE 09.3: blockwise absmax and the nearest NF4 level
     absmax = _blockwise_absmax(x, blocksize)
     # Normalise to [-1, 1]: multiply by the reciprocal like the CUDA kernel does;
     # the clamp keeps an all-zero block finite (0 * 1e38 = 0 -> code 0.0).
@@ -210,6 +211,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = torch.bucketize(scaled, mids).to(torch.uint8)
     packed = (idx[0::2] << 4) | idx[1::2]  # first element -> high nibble
+    # END EXERCISE
     q = NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
     if double_quant:
         q.absmax, q.offset, q.absmax2, q.code2 = _quantize_scales(absmax)
