@@ -188,11 +188,13 @@ def ppo_policy_loss(
     clip_frac: share of real tokens where the clipped term was chosen (a health signal).
     approx_kl: 0.5 * mean (logp - old_logp)^2, how far this epoch moved from the rollout.
     """
+    # BEGIN EXERCISE 11.2: the clipped PPO policy loss
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)  # [B, T]
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    # END EXERCISE
     with torch.no_grad():
         clip_frac = masked_mean((loss_clipped > loss_unclipped).to(logp.dtype), mask)
         approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
@@ -312,9 +314,8 @@ def collapse_warnings(
 
 
 # ---------------------------------------------------------------------------
-# PPO TRAINING LOOP -- NOT WRITTEN YET (issue 8; needs the KV-cache generator and trainer)
+# THE PPO TRAINING LOOP is in ppo_trainer.py (PPOConfig, ppo_step, train_ppo). Per step:
 #
-# Per step, the loop will:
 #   1. roll out: sample responses to a batch of prompts with the actor (KV-cache generator);
 #   2. score: logp (actor), ref_logp (reference = actor with the LoRA adapter off),
 #      values (critic), scores (reward model at the last token);

@@ -1,0 +1,136 @@
+"""Lesson 13: GRPO (组相对策略优化) on the tiny world's arithmetic. Read README.md beside this file.
+
+    python lessons/13-grpo/run.py                  # the tiny model on CPU, a few minutes
+    python lessons/13-grpo/run.py --fast           # CI: tiny sizes (< 60 s)
+    python lessons/13-grpo/run.py --sft runs/lesson-11/sft   # start from lesson 11's saved SFT model
+
+0. a short SFT of weights/tiny (or --sft), as in lesson 11;
+1. the rule reward and one group: G sampled answers to one question, their rewards and advantages;
+2. GRPO: accuracy on held-out sums before and after, the final KL to the reference.
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import minitune
+from minitune.classroom.lesson import ROOT, finish, section
+from minitune.rlhf import (GRPOConfig, arithmetic_reward, group_advantages, reference_logprobs, response_logprobs,
+                           sample_rollout, score_responses, text_reward, train_grpo)
+from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
+
+
+def parse_args():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "weights" / "tiny"), help="checkpoint folder (default weights/tiny)")
+    ap.add_argument("--sft", default=None, help="an SFT checkpoint to start from (default: SFT the model here)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="float32 (default) or bfloat16: the frozen reference's dtype")
+    ap.add_argument("--fast", action="store_true", help="CI mode: a few steps, a few prompts (< 60 s)")
+    ap.add_argument("--out", default="runs/lesson-13", help="the GRPO log goes here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    return args
+
+
+args = parse_args()
+FAST, out = args.fast, Path(args.out)
+
+
+def quick_sft(model, tok, steps):
+    """Supervised fine-tuning as in lesson 05, shorter: RL needs a model that already answers."""
+    from minitune.data import PaddingCollator, prepare_sft
+    from minitune.train import TrainConfig, train
+
+    data = prepare_sft(Path(args.model) / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
+                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
+    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
+    losses = list(result.losses.values())
+    print(f"SFT: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
+    return model
+
+
+# --------------------------------------------------------------------------- 0
+section("0. The starting point: an SFT model")
+if args.sft:
+    sft, tok = minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
+    print(f"SFT model loaded from {args.sft}")
+else:
+    if not (Path(args.model) / "config.json").is_file() or not (Path(args.model) / "data").is_dir():
+        sys.exit(f"lesson 13 needs the tiny world: {args.model} with config.json and data/ (build it with "
+                 "python -m minitune.tiny.build --out weights/tiny)")
+    sft, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    sft = quick_sft(sft, tok, 20 if FAST else 150)
+sft.eval()
+STOPS = stop_ids(tok)
+PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
+data_dir = Path(args.model) / "data"
+# training questions: the SFT data's sums; held out: eval.jsonl's sums (pairs and phrasings never trained on)
+train_q = [r["instruction"] for r in map(json.loads, (data_dir / "sft_alpaca.jsonl").read_text().splitlines())
+           if r["output"].isdigit()]
+held_q = [r["prompt"] for r in map(json.loads, (data_dir / "eval.jsonl").read_text().splitlines())
+          if r["task"] == "arithmetic"]
+if FAST:
+    held_q = held_q[::3]
+print(f"arithmetic questions: {len(train_q)} for training (e.g. {train_q[0]!r}), {len(held_q)} held out "
+      f"(e.g. {held_q[0]!r})")
+reward = text_reward(arithmetic_reward, tok, STOPS)
+reference = copy.deepcopy(sft).to(getattr(torch, args.dtype) if args.dtype else torch.float32).requires_grad_(False)
+
+# --------------------------------------------------------------------------- 1
+section("1. The rule reward (规则奖励) and one group: advantages relative to the group (组内相对优势)")
+G = 8
+q = train_q[0]
+roll = sample_rollout(sft, [prompt_ids(tok, q)] * G, 8, STOPS, PAD, temperature=1.0, seed=0)
+scores = score_responses(reward, roll)
+adv = group_advantages(scores, G)
+print(f"question {q!r}: {G} sampled answers (temperature 1)")
+for i in range(G):
+    text = tok.decode([t for t, m in zip(roll.responses[i].tolist(), roll.response_mask[i].tolist())
+                       if m and t not in STOPS], skip_special_tokens=True).strip()
+    print(f"  {text!r:24} reward {scores[i]:.0f}   advantage {adv[i]:+.3f}")
+print(f"group mean {scores.mean():.3f}, std {scores.std():.3f}: right answers get a positive advantage, wrong ones "
+      f"negative; a group all right or all wrong has advantage 0 (nothing to learn). No critic needed.")
+
+
+# --------------------------------------------------------------------------- 2
+def accuracy(model, questions):
+    reps = ask(model, tok, questions, max_new_tokens=8)
+    return sum(arithmetic_reward(q, r) for q, r in zip(questions, reps)) / len(questions), reps
+
+
+@torch.no_grad()
+def heldout_kl(model, questions, n_samples=4):
+    """Sequence KL(pi || pi_ref) on held-out prompts: mean of sum_t (log pi - log pi_ref) over sampled replies."""
+    roll = sample_rollout(model, [prompt_ids(tok, q) for q in questions for _ in range(n_samples)], 8, STOPS, PAD,
+                          seed=1)
+    lp, rp = response_logprobs(model, roll), reference_logprobs(reference, model, roll)
+    return ((lp - rp) * roll.response_mask).sum(1).mean().item()
+
+
+section("2. GRPO on arithmetic: accuracy on held-out sums before and after, and the KL to the reference")
+cfg = GRPOConfig(steps=3 if FAST else 30, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
+                 learning_rate=1e-4, beta=0.04, max_new_tokens=8, log_path=str(out / "grpo.jsonl"))
+print("GRPOConfig: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
+    "steps", "batch_size", "num_generations", "mini_batch_size", "num_iterations", "learning_rate", "beta",
+    "cliprange", "max_new_tokens", "temperature")))
+acc0, reps0 = accuracy(sft, held_q)
+actor = copy.deepcopy(sft)
+records = train_grpo(actor, reference, reward, [prompt_ids(tok, x) for x in train_q], cfg, STOPS, PAD)
+acc1, reps1 = accuracy(actor, held_q)
+kl = heldout_kl(actor, held_q)
+print(f"\n{'step':>4} {'reward (sampled accuracy)':>26} {'KL':>6} {'flat groups':>12} {'length':>7}")
+for rec in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
+    print(f"{rec['step']:>4} {rec['reward']:26.3f} {rec['kl']:6.3f} {rec['flat_groups']:12.2f} {rec['response_length']:7.1f}")
+print(f"\nheld-out sums ({len(held_q)}), greedy answers: accuracy before {acc0:.0%} -> after {acc1:.0%}")
+print(f"final KL(pi || pi_ref) on held-out prompts, sampled: {kl:.3f} nats per answer")
+print("examples (before -> after):")
+for q, b, a in list(zip(held_q, reps0, reps1))[:6]:
+    print(f"  {q!r:40} {b!r:10} -> {a!r}")
+print(f"log: {cfg.log_path}")
+finish()
