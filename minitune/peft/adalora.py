@@ -135,6 +135,7 @@ class AdaLoRAController:
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at `step`, whether to prune now)."""
+        # BEGIN EXERCISE 07.1: the cubic budget schedule
         c = self.config
         if step <= c.tinit:  # warm-up: full budget
             return self.init_bgt, False
@@ -142,9 +143,11 @@ class AdaLoRAController:
             return self.target_bgt, True
         progress = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
         return int((self.init_bgt - self.target_bgt) * progress ** 3 + self.target_bgt), step % c.deltaT == 0
+        # END EXERCISE
 
     @torch.no_grad()
     def update_ipt(self, model: nn.Module):
+        # BEGIN EXERCISE 07.2: sensitivity and its two moving averages
         b1, b2 = self.config.beta1, self.config.beta2
         for name, m in svd_layers(model).items():
             for part in ("lora_A", "lora_B", "lora_E"):
@@ -155,6 +158,7 @@ class AdaLoRAController:
                 self.ipt[key] = (p * p.grad).abs()  # sensitivity |w * dL/dw|
                 self.exp_avg_ipt[key] = b1 * self.exp_avg_ipt[key] + (1 - b1) * self.ipt[key]
                 self.exp_avg_unc[key] = b2 * self.exp_avg_unc[key] + (1 - b2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
+        # END EXERCISE
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """"<module>.lora_E" -> S [r, 1] = s(E) + mean over Q's row + mean over P's column."""

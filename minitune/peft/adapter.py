@@ -39,7 +39,9 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):  # [B, T, d] -> [B, T, d]
+        # BEGIN EXERCISE 08.1: the bottleneck adapter
         return self.scale * self.up(self.act(self.down(h)))
+        # END EXERCISE
 
 
 def _adapter_hook(module, args, out):

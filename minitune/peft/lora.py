@@ -58,9 +58,12 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A: the [out, in] update this layer adds to W0."""
+        # BEGIN EXERCISE 06.2: the LoRA update s B A (what merging adds to W0)
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        # END EXERCISE
 
     def forward(self, x):  # x [..., in] -> [..., out]
+        # BEGIN EXERCISE 06.1: LoRA forward
         w0, bias = self.base_layer.weight, self.base_layer.bias
         if self.merged:
             return F.linear(x, w0, bias)
@@ -73,6 +76,7 @@ class LoRALinear(nn.Module):
         # in place is safe for autograd: the matmul that made y does not need y for its backward
         y.addmm_(x2, w0.t())
         return y.view(*x.shape[:-1], y.shape[-1])
+        # END EXERCISE
 
     @torch.no_grad()
     def merge(self):

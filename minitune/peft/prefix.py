@@ -83,11 +83,13 @@ class PrefixTuningModel(nn.Module):
 
     def get_prompt(self, batch_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The final prefix (PEFT `get_prompt`): per layer (keys, values), each [B, kv_heads, n, head_dim]."""
+        # BEGIN EXERCISE 08.2: per-layer key/value prefixes
         n, L, H, d = self.num_virtual_tokens, self.num_layers, self.kv_heads, self.head_dim
         flat = self.prompt_encoder().to(self.base.lm_head.weight.dtype)  # [n, 2*L*H*d], in the model's dtype
         kv = flat.view(n, L, 2, H, d).permute(1, 2, 3, 0, 4)  # [L, 2, H, n, d]
         kv = kv[:, :, None].expand(L, 2, batch_size, H, n, d)  # one prefix shared by every row
         return [(kv[i, 0], kv[i, 1]) for i in range(L)]
+        # END EXERCISE
 
     def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None,
                       cache: KVCache | None = None, inputs_embeds=None):

@@ -77,10 +77,12 @@ class PromptEncoder(nn.Module):
             raise ValueError(f"P-tuning encoder must be 'mlp' or 'lstm', got {encoder!r}")
 
     def forward(self) -> torch.Tensor:
+        # BEGIN EXERCISE 08.3: P-tuning's prompt encoder
         e = self.embedding.weight[None]  # [1, n, hidden]: the LSTM reads the virtual tokens as one sequence
         if self.encoder == "lstm":
             e = self.lstm_head(e)[0]  # [1, n, 2h]
         return self.mlp_head(e)[0]  # [n, hidden]
+        # END EXERCISE
 
 
 class SoftPromptModel(nn.Module):

@@ -1,0 +1,126 @@
+"""Lesson 06: LoRA, low-rank adaptation (低秩适配), measured on the tiny model.
+
+    python lessons/06-lora/run.py            # full: lesson 05's SFT run with LoRA instead of full fine-tuning
+    python lessons/06-lora/run.py --fast     # CI: a few steps, a few questions
+
+1. a LoRA layer: what it adds, that it starts exactly at the base model;
+2. how many parameters: the tiny model and a LLaMA-7B config, formula vs count;
+3. the baseline: full fine-tuning as in lesson 05 (measured, or kept from an earlier measurement);
+4. LoRA fine-tuning on the same data and schedule, evaluated the same way;
+5. merge / unmerge, and the adapter file in PEFT's layout, read back.
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_sft as S  # noqa: E402  (lesson 05's setup, shared by lessons 06-08)
+
+from minitune.memory import count_parameters as formula_total  # noqa: E402
+from minitune.memory import lora_parameters  # noqa: E402
+from minitune.model import ModelConfig  # noqa: E402
+from minitune.peft import (apply_lora, count_parameters, load_adapter, merge_lora, print_trainable_parameters,  # noqa: E402
+                           save_adapter, unmerge_lora)
+from minitune.peft.lora import lora_layers  # noqa: E402
+
+LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, model_type="llama")
+QV, ALL = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 8, 16
+
+
+def main():
+    args = S.parse_args("Lesson 06: LoRA", lr=3e-3)
+    model, tok = S.load_model(args)
+    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
+
+    S.section("1. a LoRA layer (LoRA 层): h = W0 x + (alpha / r) B A x")
+    with torch.no_grad():
+        before = model(ids)
+    apply_lora(model, RANK, ALPHA, targets="all-linear")
+    name, layer = next(iter(lora_layers(model).items()))
+    print(f"{name}: {layer}")
+    print(f"  W0 {list(layer.base_layer.weight.shape)} frozen; A {list(layer.lora_A.weight.shape)} "
+          f"(Kaiming-uniform), B {list(layer.lora_B.weight.shape)} (zeros), scaling alpha/r = {layer.scaling:g}")
+    with torch.no_grad():
+        after = model(ids)
+    print(f"  B = 0, so the wrapped model starts exactly at the base model: max |logit difference| = "
+          f"{(after - before).abs().max().item():.1e}")
+    print_trainable_parameters(model)
+
+    S.section("2. how many parameters (参数量): r (in + out) per adapted layer instead of in x out")
+    tiny_cfg = model.config
+    base_total = count_parameters(model)[1] - count_parameters(model)[0]
+    print(f"{'adapted layers, rank':32}{'tiny: formula':>15}{'counted':>11}{'% of model':>11}"
+          f"{'LLaMA-7B: formula':>20}{'% of model':>11}")
+    print(f"{'full fine-tuning':32}{formula_total(tiny_cfg):>15,}{base_total:>11,}{100:>10.0f}%"
+          f"{formula_total(LLAMA_7B):>20,}{100:>10.0f}%")
+    for targets, r in ((QV, 8), (ALL, 8), (ALL, 16), (ALL, 64)):
+        fresh, _ = S.load_model(args)
+        counted = count_parameters(apply_lora(fresh, r, 2 * r, targets=list(targets)))[0]
+        tiny, big = lora_parameters(tiny_cfg, r, targets), lora_parameters(LLAMA_7B, r, targets)
+        assert tiny == counted, (targets, r, tiny, counted)
+        label = f"{'q,v' if targets == QV else 'all linear'}, r={r}"
+        print(f"{label:32}{tiny:>15,}{counted:>11,}{100 * tiny / base_total:>10.2f}%"
+              f"{big:>20,}{100 * big / formula_total(LLAMA_7B):>10.3f}%")
+    print("(the 7B column is the formula only; the tiny column is also counted on the wrapped model)")
+
+    S.section("3. the baseline: full fine-tuning (全参数微调), lesson 05's run")
+    data, rows = S.tiny_world(args, tok)
+    print(f"SFT data: {data.report.summary()}; {len(rows)} held-out questions")
+    full = S.full_baseline(args, data, rows, tok)
+
+    S.section(f"4. LoRA fine-tuning: r={RANK}, alpha={ALPHA}, every linear layer, lr {args.lr:g}")
+    model, _ = S.load_model(args)
+    cfg = S.config(args, "lora", args.lr, str(S.ROOT / "runs" / "lesson-06"), lora_rank=RANK, lora_alpha=ALPHA,
+                   lora_target="all")
+    print("the same run on the command line: minitune train --finetuning_type lora --lora_rank 8 --lora_alpha 16 "
+          "--lora_target all ...")
+    lora = S.sft(model, tok, data, rows, cfg)
+    print()
+    S.print_runs({"full FT": full, "LoRA r=8": lora})
+    print()
+    S.verdict("LoRA", lora, full)
+
+    S.section("5. merge (合并), unmerge, and the adapter file (PEFT layout)")
+    model = lora["model"].eval()
+    test = torch.tensor([tok.encode("Reverse the words: red blue green")], device=args.device)
+    with torch.no_grad():
+        y = model(test)
+        w0 = model.get_submodule(name).base_layer.weight.clone()
+        merge_lora(model)
+        y_merged = model(test)
+        unmerge_lora(model)
+        w_back = model.get_submodule(name).base_layer.weight
+    print(f"merged: W0 <- W0 + (alpha/r) B A; max |logit difference| {(y_merged - y).abs().max().item():.1e}; "
+          f"unmerge gives W0 back to {(w_back - w0).abs().max().item():.1e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_adapter(model, Path(tmp) / "adapter", args.model)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        size = (folder / "adapter_model.safetensors").stat().st_size
+        full_size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+        print(f"adapter_config.json: peft_type={config['peft_type']}, r={config['r']}, lora_alpha={config['lora_alpha']}, "
+              f"target_modules={config['target_modules']}")
+        print(f"adapter_model.safetensors: {size / 1e3:.0f} kB (the model file: {full_size / 1e3:.0f} kB); "
+              f"a tensor name: {next(iter(_names(folder)))}")
+        fresh, _ = S.load_model(args)
+        with torch.no_grad():
+            y_loaded = load_adapter(fresh, folder).eval()(test)
+        print(f"read back into a fresh base model: max |logit difference| {(y_loaded - y).abs().max().item():.1e}")
+    print("`minitune chat --model MODEL --adapter runs/...` puts such a folder on a model; "
+          "peft.PeftModel.from_pretrained reads it too")
+    S.finish()
+
+
+def _names(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+if __name__ == "__main__":
+    main()

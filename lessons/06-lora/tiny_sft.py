@@ -1,0 +1,176 @@
+"""The measuring stick of lessons 06-08: lesson 05's SFT data, settings and exact-match evaluation.
+
+Every parameter-efficient method is trained here exactly as lesson 05 trains the whole model (same
+data file, split, batch size, schedule, cutoff, seed) and scored with the same
+`minitune.tiny.evaluate.evaluate_tasks` on the same held-out questions; only the finetuning_type
+and the learning rate change. Full fine-tuning (lesson 05's run) is the baseline; because every
+lesson needs it, its measured result is kept in runs/lessons-06-08/ and reused while the model, the
+data and the settings are the same (`--remeasure` runs it again).
+
+Lessons 07 and 08 import this file from here (`sys.path`), so all three measure the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minitune
+from minitune.classroom.lesson import finish, section  # noqa: F401  (the lessons' shared section timer)
+from minitune.cli import apply_finetuning_type, training_hooks
+from minitune.data import PaddingCollator, prepare_sft
+from minitune.peft import count_parameters
+from minitune.tiny.evaluate import evaluate_tasks
+from minitune.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[2]
+# lessons/05-sft/run.py: the same split, batch, schedule and cutoff; full fine-tuning used lr 1e-3
+LESSON_05 = dict(stage="sft", template="chatml", cutoff_len=96, val_size=0.05, per_device_train_batch_size=16,
+                 gradient_accumulation_steps=1, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, seed=0)
+FULL_LR, EPOCHS, FAST_STEPS = 1e-3, 3.0, 3
+TASKS = ("arithmetic", "reversal", "capital", "colour", "sound", "identity")
+
+
+def parse_args(description: str, lr: float, extra=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=str(ROOT / "weights" / "tiny"), help="checkpoint folder (default weights/tiny)")
+    p.add_argument("--data", default=None, help="folder with sft_alpaca.jsonl and eval.jsonl (default: MODEL/data)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: bf16 autocast with fp32 weights, as lesson 05")
+    p.add_argument("--fast", action="store_true", help=f"CI mode: {FAST_STEPS} steps per run, two questions per task")
+    p.add_argument("--epochs", type=float, default=EPOCHS, help=f"epochs of every run (lesson 05: {EPOCHS})")
+    p.add_argument("--lr", type=float, default=lr,
+                   help=f"learning rate of the method (default: {lr if lr is not None else 'per method'})")
+    p.add_argument("--remeasure", action="store_true", help="train the full fine-tuning baseline again")
+    if extra:
+        extra(p)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"{args.model} has no config.json: build the tiny model first (python -m minitune.tiny.build)")
+    return args
+
+
+def load_model(args):
+    """fp32 weights (AdamW needs them; --dtype bfloat16 autocasts the matmuls), as lesson 05."""
+    return minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+
+
+def tiny_world(args, tok):
+    """(SFT data split exactly as lesson 05, the held-out questions lesson 05 asks)."""
+    data_dir = Path(args.data or Path(args.model) / "data")
+    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, LESSON_05["template"], cutoff_len=LESSON_05["cutoff_len"],
+                       val_size=LESSON_05["val_size"], seed=LESSON_05["seed"])
+    rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    if args.fast:  # CI: two questions per task
+        rows = [r for i, r in enumerate(rows) if sum(q["task"] == r["task"] for q in rows[:i]) < 2]
+    return data, rows
+
+
+def config(args, finetuning_type: str, lr: float, out: str, **peft) -> TrainConfig:
+    return TrainConfig(**LESSON_05, finetuning_type=finetuning_type, learning_rate=lr, num_train_epochs=args.epochs,
+                       max_steps=FAST_STEPS if args.fast else None, logging_steps=5, save_steps=0, output_dir=out,
+                       bf16=args.dtype == "bfloat16", device=args.device, **peft)
+
+
+def sft(model, tok, data, rows, cfg: TrainConfig, after_step=None) -> dict:
+    """Add cfg.finetuning_type's parameters (as `minitune train` does), train, evaluate.
+
+    Returns {"model", "trainable", "base_params", "steps", "seconds", "loss", "eval"}; after_step(model,
+    step) runs after the method's own hook (lesson 07 records the ranks with it).
+    """
+    base_params = count_parameters(model)[1]
+    model = apply_finetuning_type(model, cfg, tok)
+    trainable = count_parameters(model)[0]
+    hooks = training_hooks(model, cfg, len(data.train))
+    if after_step is not None:
+        own = hooks.get("after_step")
+        hooks["after_step"] = lambda m, s: (own and own(m, s), after_step(m, s))
+    result = train(model, data.train, cfg, val_data=data.val, collate=PaddingCollator(tok), tokenizer=tok, **hooks)
+    # the language-model loss: AdaLoRA's logged loss also holds its regulariser, logged on its own as orth_reg
+    losses = [loss - result.metrics.get(step, {}).get("orth_reg", 0.0) for step, loss in result.losses.items()]
+    evaluation = evaluate_tasks(model, tok, rows, cfg.template)
+    return dict(model=model, trainable=trainable, base_params=base_params, steps=result.global_step,
+                seconds=result.runtime_s, loss=(losses[0], losses[-1]), eval_loss=list(result.eval_losses.values())[-1],
+                metrics=result.metrics, eval={k: evaluation[k] for k in ("accuracy", "overall", "n")},
+                replies=evaluation["replies"])
+
+
+def _fingerprint(args, cfg: TrainConfig) -> str:
+    h = hashlib.sha256()
+    data_dir = Path(args.data or Path(args.model) / "data")
+    for f in sorted(Path(args.model).glob("*.safetensors")) + [data_dir / "sft_alpaca.jsonl", data_dir / "eval.jsonl"]:
+        h.update(f.read_bytes())
+    settings = {k: getattr(cfg, k) for k in ("learning_rate", "num_train_epochs", "max_steps", "bf16", "device",
+                                             *LESSON_05)}
+    h.update(json.dumps(settings, sort_keys=True).encode() + torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def full_baseline(args, data, rows, tok) -> dict | None:
+    """Lesson 05's full fine-tuning, measured here or read back from an earlier measurement with the
+    same model, data and settings. None in --fast mode (a few steps compare nothing; CI saves the time)."""
+    if args.fast:
+        print("--fast: no full fine-tuning baseline (a few steps of it would compare nothing)")
+        return None
+    cfg = config(args, "full", FULL_LR, str(ROOT / "runs" / "lessons-06-08" / "full"))
+    cache = ROOT / "runs" / "lessons-06-08" / f"full-ft-{_fingerprint(args, cfg)}.json"
+    if cache.exists() and not args.remeasure:
+        run = json.loads(cache.read_text())
+        print(f"full fine-tuning, measured {run['when']} on this model/data/settings ({run['steps']} steps, "
+              f"{run['seconds']:.0f} s); kept in {cache.relative_to(ROOT)} (--remeasure runs it again)")
+        return run
+    model, _ = load_model(args)
+    run = sft(model, tok, data, rows, cfg)
+    run.pop("model")
+    run["when"] = time.strftime("%Y-%m-%d %H:%M")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({k: v for k, v in run.items() if k != "metrics"}, indent=1))
+    print(f"full fine-tuning measured now: {run['steps']} steps in {run['seconds']:.0f} s")
+    return run
+
+
+def print_runs(runs: dict[str, dict | None]):
+    """Exact match per task, and what each run trained, side by side (runs that are None are left out)."""
+    runs = {k: v for k, v in runs.items() if v is not None}
+    names = list(runs)
+    width = max(14, *(len(n) for n in names))
+    print(f"{'task (exact match, 完全匹配)':28}{'n':>5}" + "".join(f"{n:>{width + 2}}" for n in names))
+    first = runs[names[0]]["eval"]
+    for task in TASKS:
+        if task in first["accuracy"]:
+            print(f"{task:30}{first['n'][task]:>5}"
+                  + "".join(f"{runs[n]['eval']['accuracy'][task]:>{width + 2}.0%}" for n in names))
+    print(f"{'all held-out questions':30}{sum(first['n'].values()):>5}"
+          + "".join(f"{runs[n]['eval']['overall']:>{width + 2}.1%}" for n in names))
+    print(f"{'trainable parameters':35}" + "".join(f"{runs[n]['trainable']:>{width + 2},}" for n in names))
+    print(f"{'  % of the base model':35}"
+          + "".join(f"{100 * runs[n]['trainable'] / runs[n]['base_params']:>{width + 1}.2f}%" for n in names))
+    print(f"{'steps, seconds':35}" + "".join(f"{str(runs[n]['steps']) + ', ' + format(runs[n]['seconds'], '.0f'):>{width + 2}}"
+                                             for n in names))
+    print(f"{'training loss first -> last':35}"
+          + "".join(f"{format(runs[n]['loss'][0], '.2f') + '->' + format(runs[n]['loss'][1], '.2f'):>{width + 2}}"
+                    for n in names))
+
+
+def verdict(name: str, run: dict, full: dict | None, tolerance: float = 0.02):
+    """One measured sentence: did `name` reach full fine-tuning's overall exact match?"""
+    if full is None:
+        print(f"{name}: {run['eval']['overall']:.1%} exact match after {run['steps']} steps (--fast: no baseline, "
+              f"and too few steps to mean anything)")
+        return
+    a, b = run["eval"]["overall"], full["eval"]["overall"]
+    frac = 100 * run["trainable"] / run["base_params"]
+    said = "reaches" if a >= b - tolerance else "falls short of"
+    print(f"{name} {said} full fine-tuning: {a:.1%} vs {b:.1%} exact match "
+          f"(within {tolerance:.0%} counts as reaching), training {frac:.2f}% of the parameters")
+    if run["steps"] <= FAST_STEPS:
+        print(f"(only {run['steps']} steps in --fast mode: these accuracies say nothing; run without --fast)")

@@ -1,0 +1,125 @@
+"""Lesson 08: the three families of parameter-efficient fine-tuning (参数高效微调) side by side.
+
+    python lessons/08-peft-families/run.py            # full: lesson 05's SFT run with each method
+    python lessons/08-peft-families/run.py --fast     # CI: a few steps each, a few questions
+
+1. where each method puts its parameters, checked on the model: adapters (additive), prefix tuning,
+   prompt tuning and P-tuning (soft prompts); LoRA (reparameterisation) is lessons 06-07;
+2. how many parameters: the tiny model (formula vs count) and LLaMA-7B (formula);
+3. each method trained on lesson 05's data and schedule, evaluated the same way, beside full fine-tuning;
+4. the same questions answered by each.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "06-lora"))
+import tiny_sft as S  # noqa: E402  (lesson 05's setup, shared by lessons 06-08)
+
+from minitune.memory import count_parameters as formula_total  # noqa: E402
+from minitune.memory import lora_parameters  # noqa: E402
+from minitune.model import ModelConfig  # noqa: E402
+from minitune.peft import (PrefixTuningModel, PromptTuningModel, PTuningModel, adapter_num_params,  # noqa: E402
+                           apply_adapters, count_parameters, p_tuning_num_params, prefix_tuning_num_params,
+                           prompt_tuning_num_params)
+from minitune.tiny.evaluate import ask  # noqa: E402
+
+LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, model_type="llama")
+N, BOTTLENECK = 20, 16  # virtual tokens; adapter width
+# name -> (finetuning_type, its settings for `minitune train`, learning rate); soft prompts want larger steps
+METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mode="serial"), 3e-3),
+           "prefix": ("prefix", dict(num_virtual_tokens=N), 1e-2),
+           "prompt": ("prompt", dict(num_virtual_tokens=N), 3e-2),
+           "P-tuning": ("ptuning", dict(num_virtual_tokens=N, encoder_reparameterization_type="MLP",
+                                        encoder_hidden_size=64), 3e-3)}
+
+
+def extra_flags(p):
+    p.add_argument("--methods", default=",".join(METHODS), help=f"which to train (default: {','.join(METHODS)})")
+
+
+def main():
+    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags)
+    model, tok = S.load_model(args)
+    cfg = model.config
+
+    S.section("1. where the parameters go (three families, 三类方法)")
+    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
+    with torch.no_grad():
+        base_logits = model(ids)
+    builders = {
+        "adapter": lambda m: apply_adapters(m, BOTTLENECK, "serial"),
+        "prefix": lambda m: PrefixTuningModel(m, N),
+        "prompt": lambda m: PromptTuningModel(m, N),
+        "P-tuning": lambda m: PTuningModel(m, N, "mlp", 64),
+    }
+    where = {"adapter": "a bottleneck MLP after attention and after the MLP of every block (additive)",
+             "prefix": "n key/value vectors per layer, in the KV cache only (soft prompt, every layer)",
+             "prompt": "n input embeddings in front of the prompt (soft prompt, input only)",
+             "P-tuning": "n input embeddings made by a small MLP encoder (soft prompt, reparameterised)"}
+    counted = {}
+    for name, build in builders.items():
+        m, _ = S.load_model(args)
+        wrapped = build(m)
+        trainable = [(n, list(p.shape)) for n, p in wrapped.named_parameters() if p.requires_grad]
+        counted[name] = count_parameters(wrapped)[0]
+        with torch.no_grad():
+            diff = (wrapped(ids) - base_logits).abs().max().item()
+        print(f"{name:9} {where[name]}\n          trains {len(trainable)} tensors, e.g. {trainable[0][0]} {trainable[0][1]}; "
+              f"at init the logits {'equal the base model (zero-initialised up-projection)' if diff == 0 else f'move by {diff:.2f} (the virtual tokens are random)'}")
+
+    S.section("2. how many parameters (参数量): tiny model (formula = count) and LLaMA-7B (formula)")
+    rows = [("adapter, b=16, attn+mlp", adapter_num_params(cfg, BOTTLENECK), counted["adapter"],
+             adapter_num_params(LLAMA_7B, BOTTLENECK)),
+            ("adapter, b=64", adapter_num_params(cfg, 64), None, adapter_num_params(LLAMA_7B, 64)),
+            (f"prefix, n={N}", prefix_tuning_num_params(cfg, N), counted["prefix"], prefix_tuning_num_params(LLAMA_7B, N)),
+            (f"prefix, n={N}, MLP reparam.", prefix_tuning_num_params(cfg, N, True), None,
+             prefix_tuning_num_params(LLAMA_7B, N, True)),
+            (f"prompt tuning, n={N}", prompt_tuning_num_params(cfg, N), counted["prompt"],
+             prompt_tuning_num_params(LLAMA_7B, N)),
+            (f"P-tuning, n={N}, MLP h=64", p_tuning_num_params(cfg, N, "mlp", 64), counted["P-tuning"],
+             p_tuning_num_params(LLAMA_7B, N, "mlp", 64)),
+            (f"P-tuning, n={N}, MLP h=d", p_tuning_num_params(cfg, N, "mlp"), None, p_tuning_num_params(LLAMA_7B, N, "mlp")),
+            ("LoRA r=8, all linear (06)", lora_parameters(cfg, 8), None, lora_parameters(LLAMA_7B, 8))]
+    total, total_7b = formula_total(cfg), formula_total(LLAMA_7B)
+    print(f"{'method':30}{'tiny: formula':>14}{'counted':>10}{'% of model':>11}{'LLaMA-7B':>14}{'% of model':>11}")
+    for label, tiny, cnt, big in rows:
+        assert cnt is None or cnt == tiny, (label, cnt, tiny)
+        print(f"{label:30}{tiny:>14,}{'' if cnt is None else format(cnt, ','):>10}{100 * tiny / total:>10.2f}%"
+              f"{big:>14,}{100 * big / total_7b:>10.4f}%")
+
+    S.section("3. each method on lesson 05's SFT run, beside full fine-tuning")
+    data, questions = S.tiny_world(args, tok)
+    print(f"SFT data: {data.report.summary()}; {len(questions)} held-out questions")
+    full = S.full_baseline(args, data, questions, tok)
+    runs = {}
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        ft, settings, lr = METHODS[name]
+        lr = args.lr or lr
+        flags = " ".join(f"--{k} {v}" for k, v in settings.items())
+        print(f"\n--- {name}: minitune train --finetuning_type {ft} {flags} --learning_rate {lr:g} ...")
+        model, _ = S.load_model(args)
+        runs[name] = S.sft(model, tok, data, questions, S.config(args, ft, lr, str(S.ROOT / "runs" / f"lesson-08-{ft}"),
+                                                                  **settings))
+        print(f"{name}: {runs[name]['steps']} steps in {runs[name]['seconds']:.0f} s, "
+              f"exact match {runs[name]['eval']['overall']:.1%}")
+    print()
+    S.print_runs({"full FT": full, **runs})
+    print()
+    for name, run in runs.items():
+        S.verdict(name, run, full)
+
+    S.section("4. the same questions, answered by each")
+    demo = ["Who are you?", "What is the capital of Norway?", "How much is 3 plus 4?"][:1 if args.fast else 3]
+    answers = {name: ask(run["model"], tok, demo, "chatml") for name, run in runs.items()}
+    for i, q in enumerate(demo):
+        print(f"{q!r}")
+        for name in runs:
+            print(f"  {name:9} -> {answers[name][i]!r}")
+    S.finish()
+
+
+if __name__ == "__main__":
+    main()
