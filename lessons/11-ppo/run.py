@@ -2,9 +2,9 @@
 
     python lessons/11-ppo/run.py                  # the tiny model on CPU, a few minutes
     python lessons/11-ppo/run.py --fast           # CI: tiny sizes (< 60 s)
-    python lessons/11-ppo/run.py --sft runs/lesson-11/sft   # reuse the SFT model a previous run saved
+    python lessons/11-ppo/run.py --sft PATH   # start from your own SFT checkpoint
 
-0. a short SFT of weights/tiny (PPO starts from an instruction-following model), saved for reuse;
+0. a short SFT of weights/tiny (PPO starts from an instruction-following model), cached for lesson 13;
 1. the four models and their memory: here, and for a 7B config from the memory estimator;
 2. the reward: the tiny world's preference rule standing in for the reward model;
 3. GAE by hand on a 5-token example, beside compute_gae;
@@ -23,7 +23,7 @@ import minitune
 from minitune.classroom.lesson import ROOT, finish, section
 from minitune.memory import estimate_memory, human_bytes, lora_parameters
 from minitune.model import ModelConfig
-from minitune.rlhf import (PPOConfig, RewardModel, compute_gae, kl_penalty_rewards, reference_logprobs,
+from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warnings, compute_gae, kl_penalty_rewards, reference_logprobs,
                            response_logprobs, sample_rollout, text_reward, train_ppo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import preference_score
@@ -35,7 +35,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "weights" / "tiny"), help="checkpoint folder (default weights/tiny)")
     ap.add_argument("--sft", default=None, help="an SFT checkpoint to start from (default: SFT the model here, "
-                                                "save it to runs/lesson-11/sft)")
+                                                "cache it in runs/rlhf-sft-<steps>/, shared with lesson 13)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="float32 (default) or bfloat16: the dtype of the frozen "
                                                   "reference and reward models; actor and critic train in fp32")
@@ -51,41 +51,20 @@ out = Path(args.out)
 FAST = args.fast
 
 
-def quick_sft(model, tok, steps):
-    """Supervised fine-tuning as in lesson 05, shorter: PPO needs a model that already answers."""
+def sft_start(steps):
+    """(SFT model, tokenizer): --sft if given; else the model SFT'd as in lesson 05 (shorter), cached in
+    runs/rlhf-sft-<steps>/ for lessons 11 and 13 and reused while the base model and the step count are the same."""
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-    data = prepare_sft(Path(args.model) / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
-    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
-                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
-    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
-    losses = list(result.losses.values())
-    print(f"SFT: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
-    return model
-
-
-# --------------------------------------------------------------------------- 0
-section("0. The starting point: an SFT model (PPO fine-tunes a model that already follows instructions)")
-if args.sft:
-    sft, tok = minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
-    print(f"SFT model loaded from {args.sft}")
-else:
-    if not (Path(args.model) / "config.json").is_file() or not (Path(args.model) / "data").is_dir():
-        sys.exit(f"lesson 11 needs the tiny world: {args.model} with config.json and data/ (build it with "
-                 "python -m minitune.tiny.build --out weights/tiny)")
-    sft, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
-    sft = quick_sft(sft, tok, 20 if FAST else 150)
-    if not FAST:
-        minitune.save_pretrained(sft, tok, out / "sft")
-        print(f"saved to {out / 'sft'} (pass --sft {out / 'sft'} to skip this section next time)")
+sft, tok = sft_start(20 if FAST else 150)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
 data_dir = Path(args.model) / "data"
 train_questions = [json.loads(x)["instruction"] for x in (data_dir / "sft_alpaca.jsonl").read_text().splitlines()]
 eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines()]
-heldout = [r["prompt"] for r in eval_rows][:: 4 if FAST else 1]
+heldout = [r["prompt"] for r in eval_rows][:: 12 if FAST else 3]  # a spread of every task
 train_prompts = [prompt_ids(tok, q) for q in train_questions]
 ref_dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
 
@@ -185,8 +164,8 @@ def heldout_kl(model, questions, n_samples=2):
 
 
 section("4. A healthy run (健康的训练): the preferred behaviour rises, the KL stays bounded")
-ppo_cfg = PPOConfig(steps=3 if FAST else 25, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=2,
-                    learning_rate=1e-4, init_kl_coef=0.05, max_new_tokens=16 if FAST else 24,
+ppo_cfg = PPOConfig(steps=2 if FAST else 25, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=2,
+                    learning_rate=3e-4, init_kl_coef=0.05, max_new_tokens=8 if FAST else 16,
                     log_path=str(out / "ppo_healthy.jsonl"))
 print("PPOConfig: " + ", ".join(f"{k}={getattr(ppo_cfg, k)}" for k in (
     "steps", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "init_kl_coef", "gamma", "lam",
@@ -196,7 +175,7 @@ records = train_ppo(actor, critic, reference, reward, train_prompts, ppo_cfg, ST
 stop1, score1, reps1 = behaviour(actor, heldout)
 kl_final = heldout_kl(actor, heldout)
 print(f"\n{'step':>4} {'reward':>7} {'KL':>6} {'clip':>5} {'entropy':>7} {'length':>6} {'repeat':>6}")
-for rec in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
+for rec in [records[i] for i in sorted({*range(0, len(records), max(1, len(records) // 8)), len(records) - 1})]:
     print(f"{rec['step']:>4} {rec['reward']:7.3f} {rec['kl']:6.3f} {rec['clip_frac']:5.2f} {rec['entropy']:7.3f} "
           f"{rec['response_length']:6.1f} {rec['repetition_rate']:6.2f}")
 print(f"\nheld-out prompts ({len(heldout)}), greedy replies:   before (SFT)   after (PPO)")
@@ -221,7 +200,7 @@ for t in range(int(roll.response_mask.sum())):
           f"  r_t {rw[0, t]:+.3f}")
 
 # --------------------------------------------------------------------------- 6
-section("6. A collapsed run (崩溃): no KL penalty, 30x the learning rate, a reward model that likes length")
+section("6. A collapsed run (崩溃): no KL penalty, 100x the learning rate, a reward model that likes length")
 
 
 def length_biased(prompt, response):
@@ -231,8 +210,8 @@ def length_biased(prompt, response):
 
 
 bad_actor, bad_critic = copy.deepcopy(sft), RewardModel(copy.deepcopy(sft))
-bad_cfg = PPOConfig(steps=3 if FAST else 15, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=4,
-                    learning_rate=3e-3, init_kl_coef=0.0, max_new_tokens=16 if FAST else 24,
+bad_cfg = PPOConfig(steps=2 if FAST else 12, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=4,
+                    learning_rate=1e-2, init_kl_coef=0.0, max_new_tokens=8 if FAST else 16,
                     log_path=str(out / "ppo_collapsed.jsonl"))
 print(f"PPOConfig: init_kl_coef={bad_cfg.init_kl_coef}, learning_rate={bad_cfg.learning_rate}, "
       f"ppo_epochs={bad_cfg.ppo_epochs}, steps={bad_cfg.steps}; warnings print as they fire:")
@@ -247,5 +226,16 @@ print(f"after: replies ending with a full stop {stop2:.0%}, mean (true) preferen
       f"KL {heldout_kl(bad_actor, heldout):.2f}")
 for q, a in list(zip(heldout, reps2))[:3]:
     print(f"  {q!r:44} -> {a!r}")
-print(f"steps with a collapse warning: {sum(bool(r['warnings']) for r in bad)} of {len(bad)}")
+print(f"steps with a collapse warning during training: {sum(bool(r['warnings']) for r in bad)} of {len(bad)}")
+# The same watch on the trained models' greedy replies to the held-out prompts:
+for name, reps in (("healthy", reps1), ("collapsed", reps2)):
+    ids = [tok.encode(x)[:24] or [STOPS[0]] for x in reps]
+    width = max(map(len, ids))
+    stats = collapse_stats(torch.tensor([x + [PAD] * (width - len(x)) for x in ids]),
+                           torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]))
+    found = collapse_warnings(stats)
+    print(f"{name} model, held-out replies: length {stats['response_length']:.1f} tokens, repetition "
+          f"{stats['repetition_rate']:.2f} -> " + ("no warning" if not found else ""))
+    for w in found:
+        print(f"  WARNING {w}")
 finish()

@@ -2,9 +2,9 @@
 
     python lessons/13-grpo/run.py                  # the tiny model on CPU, a few minutes
     python lessons/13-grpo/run.py --fast           # CI: tiny sizes (< 60 s)
-    python lessons/13-grpo/run.py --sft runs/lesson-11/sft   # start from lesson 11's saved SFT model
+    python lessons/13-grpo/run.py --sft PATH   # start from your own SFT checkpoint
 
-0. a short SFT of weights/tiny (or --sft), as in lesson 11;
+0. a short SFT of weights/tiny (or --sft), shared with lesson 11 through runs/rlhf-sft-<steps>/;
 1. the rule reward and one group: G sampled answers to one question, their rewards and advantages;
 2. GRPO: accuracy on held-out sums before and after, the final KL to the reference.
 """
@@ -27,7 +27,7 @@ def parse_args():
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "weights" / "tiny"), help="checkpoint folder (default weights/tiny)")
-    ap.add_argument("--sft", default=None, help="an SFT checkpoint to start from (default: SFT the model here)")
+    ap.add_argument("--sft", default=None, help="an SFT checkpoint to start from (default: SFT the model here, cached in runs/rlhf-sft-<steps>/)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="float32 (default) or bfloat16: the frozen reference's dtype")
     ap.add_argument("--fast", action="store_true", help="CI mode: a few steps, a few prompts (< 60 s)")
@@ -41,31 +41,13 @@ args = parse_args()
 FAST, out = args.fast, Path(args.out)
 
 
-def quick_sft(model, tok, steps):
-    """Supervised fine-tuning as in lesson 05, shorter: RL needs a model that already answers."""
+def sft_start(steps):
+    """(SFT model, tokenizer): --sft if given; else the model SFT'd as in lesson 05 (shorter), cached in
+    runs/rlhf-sft-<steps>/ for lessons 11 and 13 and reused while the base model and the step count are the same."""
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-    data = prepare_sft(Path(args.model) / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
-    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
-                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
-    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
-    losses = list(result.losses.values())
-    print(f"SFT: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
-    return model
-
-
-# --------------------------------------------------------------------------- 0
-section("0. The starting point: an SFT model")
-if args.sft:
-    sft, tok = minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
-    print(f"SFT model loaded from {args.sft}")
-else:
-    if not (Path(args.model) / "config.json").is_file() or not (Path(args.model) / "data").is_dir():
-        sys.exit(f"lesson 13 needs the tiny world: {args.model} with config.json and data/ (build it with "
-                 "python -m minitune.tiny.build --out weights/tiny)")
-    sft, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
-    sft = quick_sft(sft, tok, 20 if FAST else 150)
+sft, tok = sft_start(20 if FAST else 150)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
@@ -125,7 +107,7 @@ records = train_grpo(actor, reference, reward, [prompt_ids(tok, x) for x in trai
 acc1, reps1 = accuracy(actor, held_q)
 kl = heldout_kl(actor, held_q)
 print(f"\n{'step':>4} {'reward (sampled accuracy)':>26} {'KL':>6} {'flat groups':>12} {'length':>7}")
-for rec in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
+for rec in [records[i] for i in sorted({*range(0, len(records), max(1, len(records) // 8)), len(records) - 1})]:
     print(f"{rec['step']:>4} {rec['reward']:26.3f} {rec['kl']:6.3f} {rec['flat_groups']:12.2f} {rec['response_length']:7.1f}")
 print(f"\nheld-out sums ({len(held_q)}), greedy answers: accuracy before {acc0:.0%} -> after {acc1:.0%}")
 print(f"final KL(pi || pi_ref) on held-out prompts, sampled: {kl:.3f} nats per answer")
