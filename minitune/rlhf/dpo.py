@@ -117,6 +117,7 @@ def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: 
     beta * log(pi / pi_ref) of each side, their accuracy (chosen > rejected) and margin.
     """
     def loss_fn(model, batch: dict):
+        # BEGIN EXERCISE 12.2: the DPO loss_fn (policy log-probs, reference, rewards)
         chosen, rejected = policy_logps(model, batch)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -133,6 +134,7 @@ def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: 
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                    "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
         return loss, chosen.shape[0], metrics
+        # END EXERCISE
 
     return loss_fn
 

@@ -298,14 +298,16 @@ def reward_loss_fn(margin: float | None = None):
     Also returns reward accuracy and the mean score gap, which the trainer logs.
     """
     def loss_fn(model, batch: dict):
+        # BEGIN EXERCISE 10.2: the reward-model loss_fn
         ids, mask, _ = stack_pairs(batch)  # [2B, T]
-        chosen, rejected = model(ids, attention_mask=mask).chunk(2)  # [B] each
+        chosen, rejected = model(ids, attention_mask=mask).chunk(2)  # [B] each, read at the last real token
         m = batch.get("margin")
         if margin is not None:
             m = margin if m is None else m + margin
         loss = pairwise_loss(chosen, rejected, m)
         gap = (chosen - rejected).detach()
         return loss, chosen.shape[0], {"accuracy": (gap > 0).float().mean(), "margin": gap.mean()}
+        # END EXERCISE
 
     return loss_fn
 
