@@ -146,7 +146,7 @@ def test_config_checks_minibatch_divides_batch():
                     reason="weights/tiny is not built yet (python -m minitune.tiny.build --out weights/tiny)")
 def test_lesson_11_fast_runs():
     out = subprocess.run([sys.executable, "lessons/11-ppo/run.py", "--fast"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for expected in ("GAE by hand", "healthy run", "collapsed run", "WARNING"):
         assert expected in out.stdout, expected

@@ -57,14 +57,14 @@ def sft_start(steps):
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-sft, tok = sft_start(20 if FAST else 150)
+sft, tok = sft_start(10 if FAST else 150)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
 data_dir = Path(args.model) / "data"
 train_questions = [json.loads(x)["instruction"] for x in (data_dir / "sft_alpaca.jsonl").read_text().splitlines()]
 eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines()]
-heldout = [r["prompt"] for r in eval_rows][:: 12 if FAST else 3]  # a spread of every task
+heldout = [r["prompt"] for r in eval_rows][:: 16 if FAST else 3]  # a spread of every task
 train_prompts = [prompt_ids(tok, q) for q in train_questions]
 ref_dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
 

@@ -47,7 +47,7 @@ def sft_start(steps):
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-sft, tok = sft_start(20 if FAST else 150)
+sft, tok = sft_start(10 if FAST else 150)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
@@ -67,11 +67,13 @@ reference = copy.deepcopy(sft).to(getattr(torch, args.dtype) if args.dtype else 
 # --------------------------------------------------------------------------- 1
 section("1. The rule reward (规则奖励) and one group: advantages relative to the group (组内相对优势)")
 G = 8
-q = train_q[0]
-roll = sample_rollout(sft, [prompt_ids(tok, q)] * G, 8, STOPS, PAD, temperature=1.0, seed=0)
-scores = score_responses(reward, roll)
+for tries, q in enumerate(train_q[:12], 1):  # show a group with both right and wrong answers, if one comes up
+    roll = sample_rollout(sft, [prompt_ids(tok, q)] * G, 8, STOPS, PAD, temperature=1.0, seed=0)
+    scores = score_responses(reward, roll)
+    if scores.std() > 0:
+        break
 adv = group_advantages(scores, G)
-print(f"question {q!r}: {G} sampled answers (temperature 1)")
+print(f"question {q!r} (questions tried to find a group with mixed rewards: {tries}): {G} sampled answers, temperature 1")
 for i in range(G):
     text = tok.decode([t for t, m in zip(roll.responses[i].tolist(), roll.response_mask[i].tolist())
                        if m and t not in STOPS], skip_special_tokens=True).strip()
