@@ -57,7 +57,35 @@ def sft_start(steps):
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-sft, tok = sft_start(10 if FAST else 150)
+    if args.sft:
+        print(f"SFT model: {args.sft} (--sft)")
+        return minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
+    base = Path(args.model)
+    if not (base / "config.json").is_file() or not (base / "data").is_dir():
+        sys.exit(f"this lesson needs the tiny world: {base} with config.json and data/ (build it with "
+                 "python -m minitune.tiny.build --out weights/tiny)")
+    weights = [[w.name, w.stat().st_size, w.stat().st_mtime] for w in sorted(base.glob("*.safetensors"))]
+    key = {"model": str(base.resolve()), "steps": steps, "weights": weights}
+    cache = Path(f"runs/rlhf-sft-{steps}")
+    if (cache / "source.json").is_file() and json.loads((cache / "source.json").read_text()) == key:
+        print(f"SFT model: {cache} (cached: {steps} SFT steps of {base}; delete the folder to redo)")
+        return minitune.load_pretrained(cache, device=args.device, dtype=torch.float32)
+    model, tok = minitune.load_pretrained(base, device=args.device, dtype=torch.float32)
+    data = prepare_sft(base / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
+                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
+    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
+    losses = list(result.losses.values())
+    print(f"SFT of {base}: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
+    minitune.save_pretrained(model, tok, cache)
+    (cache / "source.json").write_text(json.dumps(key))
+    print(f"saved to {cache}; lessons 11 and 13 reuse it")
+    return model, tok
+
+
+# --------------------------------------------------------------------------- 0
+section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
+sft, tok = sft_start(10 if FAST else 120)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
@@ -112,9 +140,10 @@ section("2. The reward (奖励): a rule standing in for the reward model")
 for q, a in (("What is 3+4?", "7"), ("What is 3+4?", "7."), ("What is 3+4?", "The answer is 8."),
              ("What is 3+4?", "Whatever. It is 7"), ("What is 3+4?", "")):
     print(f"  preference_score({q!r}, {a!r:22}) = {preference_score(q, a):+.0f}")
-replies = ask(sft, tok, heldout[:6])
+shown = heldout[:: max(1, len(heldout) // 6)][:6]
+replies = ask(sft, tok, shown)
 print("the SFT model's greedy replies to held-out prompts, scored:")
-for q, r in zip(heldout[:6], replies):
+for q, r in zip(shown, replies):
     print(f"  {q!r:44} -> {r!r:34} score {preference_score(q, r):+.0f}")
 
 # --------------------------------------------------------------------------- 3
@@ -164,7 +193,7 @@ def heldout_kl(model, questions, n_samples=2):
 
 
 section("4. A healthy run (健康的训练): the preferred behaviour rises, the KL stays bounded")
-ppo_cfg = PPOConfig(steps=2 if FAST else 25, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=2,
+ppo_cfg = PPOConfig(steps=2 if FAST else 20, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=2,
                     learning_rate=3e-4, init_kl_coef=0.05, max_new_tokens=8 if FAST else 16,
                     log_path=str(out / "ppo_healthy.jsonl"))
 print("PPOConfig: " + ", ".join(f"{k}={getattr(ppo_cfg, k)}" for k in (
@@ -210,7 +239,7 @@ def length_biased(prompt, response):
 
 
 bad_actor, bad_critic = copy.deepcopy(sft), RewardModel(copy.deepcopy(sft))
-bad_cfg = PPOConfig(steps=2 if FAST else 12, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=4,
+bad_cfg = PPOConfig(steps=2 if FAST else 10, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=4,
                     learning_rate=1e-2, init_kl_coef=0.0, max_new_tokens=8 if FAST else 16,
                     log_path=str(out / "ppo_collapsed.jsonl"))
 print(f"PPOConfig: init_kl_coef={bad_cfg.init_kl_coef}, learning_rate={bad_cfg.learning_rate}, "

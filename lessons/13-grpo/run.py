@@ -47,7 +47,35 @@ def sft_start(steps):
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
 
-sft, tok = sft_start(10 if FAST else 150)
+    if args.sft:
+        print(f"SFT model: {args.sft} (--sft)")
+        return minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
+    base = Path(args.model)
+    if not (base / "config.json").is_file() or not (base / "data").is_dir():
+        sys.exit(f"this lesson needs the tiny world: {base} with config.json and data/ (build it with "
+                 "python -m minitune.tiny.build --out weights/tiny)")
+    weights = [[w.name, w.stat().st_size, w.stat().st_mtime] for w in sorted(base.glob("*.safetensors"))]
+    key = {"model": str(base.resolve()), "steps": steps, "weights": weights}
+    cache = Path(f"runs/rlhf-sft-{steps}")
+    if (cache / "source.json").is_file() and json.loads((cache / "source.json").read_text()) == key:
+        print(f"SFT model: {cache} (cached: {steps} SFT steps of {base}; delete the folder to redo)")
+        return minitune.load_pretrained(cache, device=args.device, dtype=torch.float32)
+    model, tok = minitune.load_pretrained(base, device=args.device, dtype=torch.float32)
+    data = prepare_sft(base / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
+                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
+    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
+    losses = list(result.losses.values())
+    print(f"SFT of {base}: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
+    minitune.save_pretrained(model, tok, cache)
+    (cache / "source.json").write_text(json.dumps(key))
+    print(f"saved to {cache}; lessons 11 and 13 reuse it")
+    return model, tok
+
+
+# --------------------------------------------------------------------------- 0
+section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
+sft, tok = sft_start(10 if FAST else 120)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
@@ -98,7 +126,7 @@ def heldout_kl(model, questions, n_samples=4):
 
 
 section("2. GRPO on arithmetic: accuracy on held-out sums before and after, and the KL to the reference")
-cfg = GRPOConfig(steps=3 if FAST else 30, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
+cfg = GRPOConfig(steps=3 if FAST else 20, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
                  learning_rate=1e-4, beta=0.04, max_new_tokens=8, log_path=str(out / "grpo.jsonl"))
 print("GRPOConfig: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
     "steps", "batch_size", "num_generations", "mini_batch_size", "num_iterations", "learning_rate", "beta",
