@@ -1,0 +1,180 @@
+"""Lesson 12: direct preference optimization (DPO, 直接偏好优化) of the SFT'd tiny model, measured.
+
+    python lessons/12-dpo/run.py                 # SFT (or reuse runs/lesson-12/sft), then DPO; a few minutes on CPU
+    python lessons/12-dpo/run.py --fast          # CI: a few steps each, a few prompts (< 60 s)
+    python lessons/12-dpo/run.py --lora          # LoRA actor: the reference is the same model with the adapter off
+    python lessons/12-dpo/run.py --loss_type ipo # or hinge; --label_smoothing 0.1 for conservative DPO
+
+1. the losses: sigmoid, label-smoothed, IPO and hinge on the same margins, computed by dpo_loss;
+2. the SFT model (lesson 05's recipe; trained here once and saved to runs/lesson-12/sft);
+3. before: the preferred behaviour on held-out prompts (correct, ends with a full stop, not rude);
+4. DPO with minitune.train (reference log-probs computed once; rewards, accuracy, margin logged);
+5. after: the same measures, and the KL to the reference on the policy's own samples.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minitune
+from minitune.data import PaddingCollator, prepare_sft
+from minitune.peft import apply_lora, count_parameters
+from minitune.rlhf import dpo_loss, prepare_pairs, response_kl, train_dpo
+from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
+from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
+from minitune.train import TrainConfig, train
+
+T0 = time.perf_counter()
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Lesson 12: DPO on the tiny model, before and after")
+    p.add_argument("--model", default="weights/tiny", help="base checkpoint folder (default weights/tiny)")
+    p.add_argument("--data", default=None, help="folder with sft_alpaca.jsonl, preference.jsonl, eval.jsonl "
+                                                "(default: <model>/data)")
+    p.add_argument("--template", default="chatml")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: bf16 autocast with fp32 master weights")
+    p.add_argument("--fast", action="store_true", help="CI mode: a few steps and prompts (< 60 s)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA actor (reference = adapter switched off)")
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 1e-4 full, 2e-3 LoRA)")
+    p.add_argument("--epochs", type=float, default=1.0, help="DPO epochs over the pairs")
+    p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
+    return p.parse_args()
+
+
+def section(title: str):
+    print(f"\n== {title} ==  [{time.perf_counter() - T0:.0f} s]")
+
+
+def behaviour(rows: list[dict], replies: list[str]) -> dict:
+    """The preference rule's parts, as rates over held-out prompts; 'preferred' = all three at once."""
+    n = len(rows)
+    correct = [contains_answer(r, reference_answer(x["prompt"])) for x, r in zip(rows, replies)]
+    stop = [r.rstrip().endswith((".", "。")) for r in replies]
+    polite = [not any(w in r.lower() for w in RUDE) for r in replies]
+    return {"correct answer": sum(correct) / n, "ends with a full stop": sum(stop) / n, "not rude": sum(polite) / n,
+            "preferred (all three)": sum(c and s and p for c, s, p in zip(correct, stop, polite)) / n,
+            "mean preference_score": sum(preference_score(x["prompt"], r) for x, r in zip(rows, replies)) / n}
+
+
+def sft_model(args, data_dir: Path, tok_model):
+    """Lesson 05's SFT, run once and saved (a later run reuses runs/lesson-12/sft)."""
+    sft_dir = Path(args.out) / ("sft-fast" if args.fast else "sft")
+    if (sft_dir / "model.safetensors").exists():
+        model, tok = minitune.load_pretrained(sft_dir, device=args.device, dtype=torch.float32)
+        print(f"reusing the SFT model in {sft_dir} (delete it to train again)")
+        return model, tok
+    model, tok = tok_model
+    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=96, seed=0)
+    cfg = TrainConfig(stage="sft", learning_rate=1e-3, num_train_epochs=3, max_steps=4 if args.fast else None,
+                      per_device_train_batch_size=16, warmup_ratio=0.1, logging_steps=10, save_steps=0,
+                      output_dir=str(sft_dir), bf16=args.dtype == "bfloat16", seed=0, device=args.device)
+    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
+    losses = list(result.losses.values())
+    print(f"SFT: {result.global_step} steps in {result.runtime_s:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    minitune.save_pretrained(model, tok, sft_dir)
+    return model, tok
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    data_dir = Path(args.data or Path(args.model) / "data")
+
+    # --- 1. the losses --------------------------------------------------------------------------
+    section("1. from Bradley-Terry to the DPO loss (beta = 0.1): loss per pair against the log-ratio margin m")
+    m = torch.tensor([-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 40.0])
+    zeros = torch.zeros_like(m)
+    rows = {"sigmoid (DPO)": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "sigmoid"),
+            "sigmoid, label_smoothing 0.1": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.1, "sigmoid"),
+            "ipo": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "ipo"),
+            "hinge": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "hinge")}
+    print(f"{'m = log-ratio(chosen) - log-ratio(rejected)':44}" + "".join(f"{x:>8.0f}" for x in m.tolist()))
+    for name in rows:  # per-pair losses: call dpo_loss one pair at a time
+        per_pair = [float(dpo_loss(m[i:i + 1], zeros[:1], zeros[:1], zeros[:1], 0.1,
+                                   0.1 if "smoothing" in name else 0.0, name.split(" ")[0].rstrip(","))[0])
+                    for i in range(len(m))]
+        print(f"{name:44}" + "".join(f"{x:>8.3f}" for x in per_pair))
+    print("sigmoid keeps pushing m up; with label smoothing the loss turns back up for large m; IPO is least "
+          "at m = 1/(2 beta) = 5; hinge is 0 beyond m = 1/beta = 10")
+
+    # --- 2. the SFT model -----------------------------------------------------------------------
+    section("2. the SFT model (监督微调, lesson 05's recipe)")
+    base = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    model, tok = sft_model(args, data_dir, base)
+    reference = copy.deepcopy(model).eval()  # pi_ref: the SFT model, frozen (LoRA: not needed, adapter off)
+    if args.lora:
+        apply_lora(model, r=8, alpha=16, targets="all-linear")
+        reference = None
+    trainable, total = count_parameters(model)
+    print(f"actor: {'LoRA r=8 on every linear layer' if args.lora else 'full'}; {trainable:,} of {total:,} "
+          f"parameters train; reference: {'the same model, adapter off' if args.lora else 'a frozen copy'}")
+
+    # --- 3. before ------------------------------------------------------------------------------
+    eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    eval_rows = [r for r in eval_rows if reference_answer(r["prompt"]) is not None]  # the rule can judge these
+    if args.fast:
+        eval_rows = eval_rows[::6]
+    section(f"3. before DPO: greedy replies to {len(eval_rows)} held-out prompts")
+    before_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)
+    before = behaviour(eval_rows, before_replies)
+
+    # --- 4. DPO ---------------------------------------------------------------------------------
+    section(f"4. DPO ({args.loss_type}, beta {args.beta}, label_smoothing {args.label_smoothing})")
+    pairs = prepare_pairs(data_dir / "preference.jsonl", tok, args.template, cutoff_len=96, val_size=0.1, seed=0)
+    print(f"preference pairs (偏好对): {pairs.report.summary()}")
+    first = pairs.train[0]
+    print(f"one pair: prompt+chosen {tok.decode(first['chosen_input_ids'])!r}\n"
+          f"          rejected     {tok.decode(first['rejected_input_ids'][-12:])!r} (last tokens)")
+    lr = args.lr or (2e-3 if args.lora else 1e-4)
+    cfg = TrainConfig(stage="dpo", finetuning_type="lora" if args.lora else "full", learning_rate=lr,
+                      num_train_epochs=args.epochs, max_steps=4 if args.fast else None, per_device_train_batch_size=16,
+                      warmup_ratio=0.1, logging_steps=2 if args.fast else 5, save_steps=0, plot_loss=True,
+                      output_dir=str(Path(args.out) / "dpo"), bf16=args.dtype == "bfloat16", seed=0,
+                      device=args.device, pref_beta=args.beta, pref_loss=args.loss_type,
+                      dpo_label_smoothing=args.label_smoothing)
+    result = train_dpo(model, pairs, cfg, tok)
+    steps = sorted(result.metrics)
+    print(f"{'step':>5} {'loss':>8} {'rewards/chosen':>15} {'rewards/rejected':>17} {'accuracy':>9} {'margin':>8}")
+    shown = steps[::max(1, len(steps) // 8)]
+    for s in shown + ([steps[-1]] if shown[-1] != steps[-1] else []):
+        mt = result.metrics[s]
+        print(f"{s:>5} {result.losses[s]:>8.4f} {mt['rewards/chosen']:>15.3f} {mt['rewards/rejected']:>17.3f} "
+              f"{mt['rewards/accuracies']:>9.2f} {mt['rewards/margins']:>8.3f}")
+    ev = result.eval_metrics[result.global_step]
+    print(f"held-out pairs ({len(pairs.val)}): reward accuracy {ev['rewards/accuracies']:.2f}, margin "
+          f"{ev['rewards/margins']:.3f}; {result.global_step} steps in {result.runtime_s:.0f} s; log {result.log_path}")
+
+    # --- 5. after -------------------------------------------------------------------------------
+    section("5. after DPO: the same prompts, and the KL to the reference")
+    after_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)
+    after = behaviour(eval_rows, after_replies)
+    print("examples (prompt -> before | after):")
+    for i in range(0, len(eval_rows), max(1, len(eval_rows) // 6))[:6]:
+        print(f"  {eval_rows[i]['prompt']!r} -> {before_replies[i]!r} | {after_replies[i]!r}")
+    print(f"\n{'preferred behaviour on ' + str(len(eval_rows)) + ' held-out prompts':44} {'before':>8} {'after':>8}")
+    for k in before:
+        fmt = (lambda v: f"{v:>8.2f}") if k.startswith("mean") else (lambda v: f"{v:>8.0%}")
+        print(f"{k:44} {fmt(before[k])} {fmt(after[k])}")
+    pad = tok.pad_id if tok.pad_id is not None else stop_ids(tok)[0]
+    prompts = [prompt_ids(tok, r["prompt"], args.template) for r in eval_rows]
+    kl = response_kl(model, reference, prompts, stop_ids(tok), pad, max_new_tokens=24, temperature=1.0, seed=0)
+    print(f"\nKL(pi || pi_ref) on {len(prompts)} sampled responses (temperature 1, {kl['tokens']} tokens): "
+          f"{kl['kl_per_token']:.4f} nats per token, {kl['kl_per_sequence']:.3f} per response "
+          f"(mean length {kl['mean_length']:.1f} tokens)")
+    print(f"\nlesson 12 finished in {time.perf_counter() - T0:.0f} s (wall)")
+
+
+if __name__ == "__main__":
+    main()
