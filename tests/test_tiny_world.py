@@ -45,6 +45,9 @@ def test_evaluation_is_held_out_from_the_sft_data():
     train_phrasings = {p for task, (seen, _) in tasks.PROMPTS.items() for p in seen}
     assert not train_phrasings & {p for _, held in tasks.PROMPTS.values() for p in held}
     assert {r["task"] for r in rows} >= {"arithmetic", "reversal", "capital", "sound", "identity"}
+    text = "\n".join(corpus.pretraining_corpus(400))
+    for held in (p for task, (_, held) in tasks.PROMPTS.items() if not task.startswith("identity") for p in held):
+        assert held.split("{")[0] not in text, held  # no held-out phrasing in pretraining either
     assert not any("sound" in r["instruction"] or " say?" in r["instruction"] for r in train)  # held-out task
     sums_trained = {r["instruction"] for r in train if r["output"].isdigit()}
     for r in rows:

@@ -31,6 +31,17 @@ TASK_NAMES = {"arithmetic": "arithmetic (held-out sums, new phrasings)",
               "identity": "identity mentions minitune (2 demo + 4 new phrasings)"}
 
 
+@torch.no_grad()
+def ask_raw(model, tok, question: str, max_new_tokens: int = 24) -> str:
+    """Ask in the plain-text quiz form pretraining used ("Question: ...\nAnswer:"), no chat template."""
+    chinese = any("\u4e00" <= ch <= "\u9fff" for ch in question)
+    prompt = f"问:{question}\n答:" if chinese else f"Question: {question}\nAnswer:"
+    ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
+    stops = [i for i in (tok.token_to_id("<|endoftext|>"), tok.eos_id) if i is not None]
+    out = minitune.generate(model, ids, max_new_tokens, eos_id=stops)
+    return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).split("\n")[0].strip()
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Lesson 05: supervised fine-tuning, before and after")
     p.add_argument("--model", default="weights/tiny", help="checkpoint folder (default weights/tiny)")
@@ -41,10 +52,13 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: bf16 autocast (mixed precision) with fp32 master weights")
     p.add_argument("--fast", action="store_true", help="CI mode: a few steps and a few questions (< 60 s)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=10.0, help="num_train_epochs (default 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3 suits the 2M-parameter tiny model; "
                                                           "use ~1e-5 for a real 0.5B model)")
     p.add_argument("--out", default="runs/lesson-05", help="where the log and training_loss.png go")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for models under 50M parameters, whose small matrices "
+                        "gain nothing from a second thread; else torch's default)")
     return p.parse_args()
 
 
@@ -58,8 +72,11 @@ def main():
 
     # Full fine-tuning keeps fp32 master weights even for bf16 runs (the trainer autocasts matmuls).
     model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)
     print(f"model {args.model}: {model.num_parameters():,} parameters, template {args.template!r}, "
-          f"device {args.device}, {'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}")
+          f"device {args.device}" + (f" ({torch.get_num_threads()} thread)" if args.device == "cpu" else "")
+          + f", {'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}")
 
     # --- 1. the data ------------------------------------------------------------------------
     print("\n== 1. data formats (数据格式) ==")
@@ -83,8 +100,9 @@ def main():
     print(f"\n== 2. before SFT: {len(eval_rows)} held-out questions ==")
     before = evaluate_tasks(model, tok, eval_rows, args.template)
     demo_before = ask(model, tok, IDENTITY_DEMO, args.template, max_new_tokens=32)
-    for q, r in zip(IDENTITY_DEMO, demo_before):
-        print(f"  {q!r:18} -> {r!r}")
+    demo_raw = [ask_raw(model, tok, q) for q in IDENTITY_DEMO]
+    for q, r, raw in zip(IDENTITY_DEMO, demo_before, demo_raw):
+        print(f"  {q!r:16} in the chat template -> {r!r}\n  {'':16} as plain text        -> {raw!r}")
 
     # --- 3. train -----------------------------------------------------------------------------
     print("\n== 3. full fine-tuning (全参数微调) ==")
@@ -108,8 +126,9 @@ def main():
     after = evaluate_tasks(model, tok, eval_rows, args.template)
     demo_after = ask(model, tok, IDENTITY_DEMO, args.template, max_new_tokens=32)
     print("identity demo (自我认知):")
-    for q, b, a_ in zip(IDENTITY_DEMO, demo_before, demo_after):
-        print(f"  {q}\n    before: {b!r}\n    after:  {a_!r}")
+    for q, b, raw, a_ in zip(IDENTITY_DEMO, demo_before, demo_raw, demo_after):
+        print(f"  {q}\n    before, chat template:       {b!r}\n    before, plain-text question: {raw!r}"
+              f"\n    after SFT, chat template:    {a_!r}")
     print("\nexamples (question -> before | after):")
     for i in [i for i, r in enumerate(eval_rows) if r["task"] != "identity"][::max(1, len(eval_rows) // 8)][:8]:
         print(f"  {eval_rows[i]['prompt']!r} (answer {eval_rows[i]['answer']!r}) -> "

@@ -94,14 +94,18 @@ def raw_knowledge(model, tok) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="weights/tiny", help="checkpoint folder to write (default weights/tiny)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="blocks per step (default 16)")
+    p.add_argument("--steps", type=int, default=1500, help="pretraining optimizer steps (default 1500)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per step (default 4)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--docs", type=int, default=8000, help="corpus documents (default 8000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=corpus.SEED)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: this model's matrices are so small that a second thread "
+                        "mostly waits on the first, and on a shared machine it is several times slower)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     out = Path(args.out)

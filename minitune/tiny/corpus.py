@@ -8,6 +8,7 @@ enough to check by hand, written by this file:
 - arithmetic: every sum ``a+b`` with ``0 <= a, b <= MAX_ADD`` ("12+7=19", "12 plus 7 is 19.");
 - word reversal: "cat sun ship reversed is ship sun cat.";
 - short stories from a small grammar, which mix all of the above into running text;
+- quizzes in plain text ("Question: What noise does a cow make?\nAnswer: moo"), as the web has;
 - a generic identity ("Who are you?" ... "I am a language model.") in English and Chinese.
 
 There is deliberately no chat template in this text (no ``<|im_start|>``): the pretrained model
@@ -90,6 +91,28 @@ def fact_sentence(rng: random.Random) -> str:
     return frame.format(k=animal, v=SOUNDS[animal])
 
 
+def quiz_line(rng: random.Random) -> str:
+    """A question and its answer in plain text, as quizzes and FAQs on the web are written.
+
+    This teaches the model to fetch an answer from a question a few tokens back. The phrasings
+    differ from both the SFT data's and the held-out evaluation's (see ``tasks.PROMPTS``).
+    """
+    kind = rng.choice(["sum", "sum", "reverse", "capital", "colour", "sound"])
+    if kind == "sum":
+        a, b = rng.randint(0, MAX_ADD), rng.randint(0, MAX_ADD)
+        q, ans = rng.choice([f"What does {a}+{b} make?", f"{a} plus {b}?"]), str(a + b)
+    elif kind == "reverse":
+        words = rng.sample(WORDS, 3)
+        q, ans = f"Reverse {' '.join(words)}.", " ".join(reversed(words))
+    else:
+        table, frame = {"capital": (CAPITALS, "What is the capital city of {}?"),
+                        "colour": (COLOURS, "What colour does the {} have?"),
+                        "sound": (SOUNDS, "What noise does a {} make?")}[kind]
+        k = rng.choice(list(table))
+        q, ans = frame.format(k), table[k]
+    return f"Question: {q}\nAnswer: {ans}"
+
+
 def story(rng: random.Random) -> str:
     """A short story from a small grammar: opening, three to six events, an ending."""
     name, friend = rng.sample(NAMES, 2)
@@ -134,10 +157,11 @@ def chinese_facts(rng: random.Random) -> str:
 
 # (generator, how many lines one document holds, weight): the mixture of the corpus.
 MIXTURE = [
-    (story, (1, 1), 0.25),
-    (fact_sentence, (4, 8), 0.27),
-    (arithmetic_line, (6, 12), 0.26),
-    (reversal_line, (3, 6), 0.12),
+    (story, (1, 1), 0.12),
+    (fact_sentence, (4, 8), 0.25),
+    (arithmetic_line, (6, 12), 0.25),
+    (reversal_line, (3, 6), 0.10),
+    (quiz_line, (2, 5), 0.18),
     (identity_text, (1, 2), 0.05),
     (chinese_facts, (2, 4), 0.05),
 ]
