@@ -2,6 +2,7 @@
 the committed weights/tiny checkpoint, and lesson 05 in fast mode."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,12 +50,10 @@ def test_evaluation_is_held_out_from_the_sft_data():
     for held in (p for task, (_, held) in tasks.PROMPTS.items() if not task.startswith("identity") for p in held):
         assert held.split("{")[0] not in text, held  # no held-out phrasing in pretraining either
     assert not any("sound" in r["instruction"] or " say?" in r["instruction"] for r in train)  # held-out task
-    sums_trained = {r["instruction"] for r in train if r["output"].isdigit()}
-    for r in rows:
-        if r["task"] == "arithmetic":
-            a, b = (int(x) for x in __import__("re").findall(r"\d+", r["prompt"]))
-            assert not any(f"{a}+{b}" in s or f"{a} and {b}" in s or f"{a} plus {b}" in s or f"{a} + {b}" in s
-                           for s in sums_trained)
+    pairs = lambda text: tuple(int(x) for x in re.findall(r"\d+", text))  # noqa: E731
+    sums_trained = {pairs(r["instruction"]) for r in train if r["output"].isdigit()}
+    held_out = {pairs(r["prompt"]) for r in rows if r["task"] == "arithmetic"}
+    assert held_out and not held_out & sums_trained
 
 
 def test_exact_match_and_scores_on_hand_cases():
