@@ -96,18 +96,17 @@ def main():
     section("1. from Bradley-Terry to the DPO loss (beta = 0.1): loss per pair against the log-ratio margin m")
     m = torch.tensor([-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 40.0])
     zeros = torch.zeros_like(m)
-    rows = {"sigmoid (DPO)": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "sigmoid"),
-            "sigmoid, label_smoothing 0.1": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.1, "sigmoid"),
-            "ipo": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "ipo"),
-            "hinge": dpo_loss(m, zeros, zeros, zeros, 0.1, 0.0, "hinge")}
-    print(f"{'m = log-ratio(chosen) - log-ratio(rejected)':44}" + "".join(f"{x:>8.0f}" for x in m.tolist()))
-    for name in rows:  # per-pair losses: call dpo_loss one pair at a time
-        per_pair = [float(dpo_loss(m[i:i + 1], zeros[:1], zeros[:1], zeros[:1], 0.1,
-                                   0.1 if "smoothing" in name else 0.0, name.split(" ")[0].rstrip(","))[0])
-                    for i in range(len(m))]
-        print(f"{name:44}" + "".join(f"{x:>8.3f}" for x in per_pair))
-    print("sigmoid keeps pushing m up; with label smoothing the loss turns back up for large m; IPO is least "
-          "at m = 1/(2 beta) = 5; hinge is 0 beyond m = 1/beta = 10")
+    variants = {"sigmoid (DPO)": (0.0, "sigmoid"), "sigmoid, label_smoothing 0.1": (0.1, "sigmoid"),
+                "ipo": (0.0, "ipo"), "hinge": (0.0, "hinge")}  # name -> (label_smoothing, loss_type)
+    print(f"{'m = log-ratio(chosen) - log-ratio(rejected)':44}" + "".join(f"{x:>9.0f}" for x in m.tolist()))
+    per_pair_of = {}
+    for name, (eps, loss_type) in variants.items():  # dpo_loss returns the batch mean: one pair at a time
+        per_pair_of[name] = [float(dpo_loss(m[i:i + 1], zeros[:1], zeros[:1], zeros[:1], 0.1, eps, loss_type)[0])
+                             for i in range(len(m))]
+        print(f"{name:44}" + "".join(f"{x:>9.3f}" for x in per_pair_of[name]))
+    best = {name: float(m[min(range(len(m)), key=lambda i: per_pair_of[name][i])]) for name in variants}
+    print(f"smallest loss on this row of m: {best}; IPO's target is 1/(2 beta) = {1 / (2 * 0.1):g}, "
+          f"hinge is 0 from 1/beta = {1 / 0.1:g} on")
 
     # --- 2. the SFT model -----------------------------------------------------------------------
     section("2. the SFT model (监督微调, lesson 05's recipe)")
