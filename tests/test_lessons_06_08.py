@@ -47,6 +47,24 @@ def test_lesson_runs_in_fast_mode(lesson, expect):
     assert took < 200, f"lessons/{lesson}/run.py --fast took {took:.0f} s"
 
 
+def test_lessons_06_08_use_lesson_05s_settings():
+    """tiny_sft.py copies lesson 05's SFT settings; a change there must be made here too."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "lessons" / "06-lora"))
+    import tiny_sft
+
+    text = (ROOT / "lessons" / "05-sft" / "run.py").read_text(encoding="utf-8")
+    default = lambda flag: float(re.search(rf'"--{flag}", type=float, default=([^,)]+)', text).group(1))  # noqa: E731
+    assert (default("epochs"), default("lr")) == (tiny_sft.EPOCHS, tiny_sft.FULL_LR)
+    call = re.search(r"TrainConfig\((.*?)\)\n", text, re.S).group(1)
+    for key, value in tiny_sft.LESSON_05.items():
+        if key != "template":
+            shown = f'"{value}"' if isinstance(value, str) else repr(value)
+            assert re.search(rf"\b{key}={re.escape(shown)}", call), f"lesson 05 no longer uses {key}={shown}"
+    assert "prepare_sft(data_dir / \"sft_alpaca.jsonl\", tok, args.template, cutoff_len=96, val_size=0.05, seed=0)" in text
+
+
 # ------------------------------------------------------------------ 06: LoRA
 
 def _lora_layer(r=4, alpha=8.0, bias=True):

@@ -33,7 +33,7 @@ RANK, ALPHA = 8, 16
 
 
 def main():
-    args = S.parse_args("Lesson 06: LoRA", lr=3e-3)
+    args = S.parse_args("Lesson 06: LoRA", lr=5e-3)
     model, tok = S.load_model(args)
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
 

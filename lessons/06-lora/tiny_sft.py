@@ -29,14 +29,15 @@ from minitune.tiny.evaluate import evaluate_tasks
 from minitune.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
-# lessons/05-sft/run.py: the same split, batch, schedule and cutoff; full fine-tuning used lr 1e-3
+# lessons/05-sft/run.py: the same split, batch, schedule, cutoff, epochs and full fine-tuning learning rate
+# (tests/test_lessons_06_08.py checks that these still equal lesson 05's)
 LESSON_05 = dict(stage="sft", template="chatml", cutoff_len=96, val_size=0.05, per_device_train_batch_size=16,
                  gradient_accumulation_steps=1, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, seed=0)
-FULL_LR, EPOCHS, FAST_STEPS = 1e-3, 3.0, 3
+FULL_LR, EPOCHS, FAST_STEPS = 1e-3, 10.0, 3
 TASKS = ("arithmetic", "reversal", "capital", "colour", "sound", "identity")
 
 
-def parse_args(description: str, lr: float, extra=None) -> argparse.Namespace:
+def parse_args(description: str, lr: float | None, extra=None, epochs: float = EPOCHS) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / "weights" / "tiny"), help="checkpoint folder (default weights/tiny)")
     p.add_argument("--data", default=None, help="folder with sft_alpaca.jsonl and eval.jsonl (default: MODEL/data)")
@@ -44,7 +45,7 @@ def parse_args(description: str, lr: float, extra=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: bf16 autocast with fp32 weights, as lesson 05")
     p.add_argument("--fast", action="store_true", help=f"CI mode: {FAST_STEPS} steps per run, two questions per task")
-    p.add_argument("--epochs", type=float, default=EPOCHS, help=f"epochs of every run (lesson 05: {EPOCHS})")
+    p.add_argument("--epochs", type=float, default=epochs, help=f"epochs of every run (default {epochs:g}; lesson 05: {EPOCHS:g})")
     p.add_argument("--lr", type=float, default=lr,
                    help=f"learning rate of the method (default: {lr if lr is not None else 'per method'})")
     p.add_argument("--remeasure", action="store_true", help="train the full fine-tuning baseline again")
@@ -75,8 +76,9 @@ def tiny_world(args, tok):
     return data, rows
 
 
-def config(args, finetuning_type: str, lr: float, out: str, **peft) -> TrainConfig:
-    return TrainConfig(**LESSON_05, finetuning_type=finetuning_type, learning_rate=lr, num_train_epochs=args.epochs,
+def config(args, finetuning_type: str, lr: float, out: str, epochs: float | None = None, **peft) -> TrainConfig:
+    return TrainConfig(**LESSON_05, finetuning_type=finetuning_type, learning_rate=lr,
+                       num_train_epochs=epochs or args.epochs,
                        max_steps=FAST_STEPS if args.fast else None, logging_steps=5, save_steps=0, output_dir=out,
                        bf16=args.dtype == "bfloat16", device=args.device, **peft)
 
@@ -121,7 +123,7 @@ def full_baseline(args, data, rows, tok) -> dict | None:
     if args.fast:
         print("--fast: no full fine-tuning baseline (a few steps of it would compare nothing)")
         return None
-    cfg = config(args, "full", FULL_LR, str(ROOT / "runs" / "lessons-06-08" / "full"))
+    cfg = config(args, "full", FULL_LR, str(ROOT / "runs" / "lessons-06-08" / "full"), epochs=EPOCHS)  # lesson 05's
     cache = ROOT / "runs" / "lessons-06-08" / f"full-ft-{_fingerprint(args, cfg)}.json"
     if cache.exists() and not args.remeasure:
         run = json.loads(cache.read_text())

@@ -28,6 +28,7 @@ from minitune.tiny.evaluate import ask  # noqa: E402
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
 N, BOTTLENECK = 20, 16  # virtual tokens; adapter width
+EPOCHS_08 = 3.0
 # name -> (finetuning_type, its settings for `minitune train`, learning rate); soft prompts want larger steps
 METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mode="serial"), 3e-3),
            "prefix": ("prefix", dict(num_virtual_tokens=N), 1e-2),
@@ -41,7 +42,9 @@ def extra_flags(p):
 
 
 def main():
-    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags)
+    # four runs: each gets EPOCHS_08 epochs by default, so the lesson fits in minutes (--epochs 10 is lesson 05's)
+    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags,
+                        epochs=EPOCHS_08)
     model, tok = S.load_model(args)
     cfg = model.config
 
@@ -84,15 +87,17 @@ def main():
             (f"P-tuning, n={N}, MLP h=d", p_tuning_num_params(cfg, N, "mlp"), None, p_tuning_num_params(LLAMA_7B, N, "mlp")),
             ("LoRA r=8, all linear (06)", lora_parameters(cfg, 8), None, lora_parameters(LLAMA_7B, 8))]
     total, total_7b = formula_total(cfg), formula_total(LLAMA_7B)
-    print(f"{'method':30}{'tiny: formula':>14}{'counted':>10}{'% of model':>11}{'LLaMA-7B':>14}{'% of model':>11}")
+    print(f"{'method':30}{'tiny: formula':>14}{'counted':>10}{'% of model':>11}{'LLaMA-7B':>16}{'% of model':>11}")
     for label, tiny, cnt, big in rows:
         assert cnt is None or cnt == tiny, (label, cnt, tiny)
         print(f"{label:30}{tiny:>14,}{'' if cnt is None else format(cnt, ','):>10}{100 * tiny / total:>10.2f}%"
-              f"{big:>14,}{100 * big / total_7b:>10.4f}%")
+              f"{big:>16,}{100 * big / total_7b:>10.4f}%")
 
     S.section("3. each method on lesson 05's SFT run, beside full fine-tuning")
     data, questions = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(questions)} held-out questions")
+    if args.epochs != S.EPOCHS:
+        print(f"each method trains {args.epochs:g} epochs here, full fine-tuning (the baseline) lesson 05's {S.EPOCHS:g}")
     full = S.full_baseline(args, data, questions, tok)
     runs = {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
