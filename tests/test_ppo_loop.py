@@ -150,3 +150,25 @@ def test_lesson_11_fast_runs():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for expected in ("GAE by hand", "healthy run", "collapsed run", "WARNING"):
         assert expected in out.stdout, expected
+
+
+@pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(),
+                    reason="weights/tiny is not built yet (python -m minitune.tiny.build --out weights/tiny)")
+@pytest.mark.parametrize("stage,finetuning_type", [("ppo", "lora"), ("grpo", "full")])
+def test_cli_trains_ppo_and_grpo_stages(tmp_path, stage, finetuning_type):
+    import json
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {a}+{b}?", "input": "", "output": str(a + b)}) + "\n"
+                            for a, b in ((1, 2), (3, 4), (5, 6), (7, 1))))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "minitune", "train", "--stage", stage, "--finetuning_type",
+                          finetuning_type, "--model_name_or_path", str(ROOT / "weights/tiny"), "--dataset", str(data),
+                          "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                          "--num_generations", "2", "--max_new_tokens", "4", "--ppo_epochs", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"{stage}: 1 steps" in res.stdout
+    records = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and "kl" in records[0] and "repetition_rate" in records[0]
+    assert (out / ("adapter_model.safetensors" if finetuning_type == "lora" else "config.json")).exists()
