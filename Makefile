@@ -8,13 +8,14 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: help env test lessons bench clean download
+.PHONY: help env test lessons bench clean download weights
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
 	@echo "make lesson-NN      run lesson NN (lessons/NN-*/run.py) on the tiny model, CPU; ARGS=... for flags"
 	@echo "make test           run the test suite (creates .venv on first use)"
 	@echo "make lessons        run every lesson in fast mode (what CI does)"
+	@echo "make weights        rebuild weights/tiny (tokenizer, pretraining, task data) from its fixed seed"
 	@echo "make bench          CPU benchmarks in bench/ (minitune vs the reference libraries)"
 	@echo "make download MODEL=Qwen/Qwen2.5-0.5B-Instruct   fetch a real checkpoint into weights/ (needs network)"
 	@echo "make student-kit [EXERCISES=\"01.1 02\"|EXERCISES_FILE=path]   student copy with exercises blanked (student-kit/)"
@@ -45,6 +46,9 @@ lesson-%: $(VENV)/.installed
 lessons: $(VENV)/.installed
 	@set -e; for dir in lessons/[0-9][0-9]-*/; do \
 	  echo "== $$dir (fast)"; $(PY) $${dir}run.py --fast $(ARGS); done
+
+weights: $(VENV)/.installed
+	$(PY) -m minitune.tiny.build --out weights/tiny
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_model.py
