@@ -45,8 +45,8 @@ def parse_args():
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--label_smoothing", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 1e-4 full, 2e-3 LoRA)")
-    p.add_argument("--epochs", type=float, default=1.0, help="DPO epochs over the pairs")
+    p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 2e-4 full, 2e-3 LoRA)")
+    p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the pairs")
     p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
     return p.parse_args()
 
@@ -136,7 +136,7 @@ def main():
     first = pairs.train[0]
     print(f"one pair: prompt+chosen {tok.decode(first['chosen_input_ids'])!r}\n"
           f"          rejected     {tok.decode(first['rejected_input_ids'][-12:])!r} (last tokens)")
-    lr = args.lr or (2e-3 if args.lora else 1e-4)
+    lr = args.lr or (2e-3 if args.lora else 2e-4)
     cfg = TrainConfig(stage="dpo", finetuning_type="lora" if args.lora else "full", learning_rate=lr,
                       num_train_epochs=args.epochs, max_steps=4 if args.fast else None, per_device_train_batch_size=16,
                       warmup_ratio=0.1, logging_steps=2 if args.fast else 5, save_steps=0, plot_loss=True,
