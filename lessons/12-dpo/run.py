@@ -47,6 +47,7 @@ def parse_args():
     p.add_argument("--label_smoothing", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 2e-4 full, 2e-3 LoRA)")
     p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the pairs")
+    p.add_argument("--sft_epochs", type=float, default=3.0, help="SFT epochs (lesson 05 uses 10; 3 keeps this lesson short)")
     p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
     return p.parse_args()
 
@@ -67,7 +68,7 @@ def behaviour(rows: list[dict], replies: list[str]) -> dict:
 
 
 def sft_model(args, data_dir: Path, tok_model):
-    """Lesson 05's SFT, run once and saved (a later run reuses runs/lesson-12/sft)."""
+    """Lesson 05's SFT (fewer epochs by default), run once and saved (a later run reuses runs/lesson-12/sft)."""
     sft_dir = Path(args.out) / ("sft-fast" if args.fast else "sft")
     if (sft_dir / "model.safetensors").exists():
         model, tok = minitune.load_pretrained(sft_dir, device=args.device, dtype=torch.float32)
@@ -75,7 +76,7 @@ def sft_model(args, data_dir: Path, tok_model):
         return model, tok
     model, tok = tok_model
     data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=96, seed=0)
-    cfg = TrainConfig(stage="sft", learning_rate=1e-3, num_train_epochs=3, max_steps=4 if args.fast else None,
+    cfg = TrainConfig(stage="sft", learning_rate=1e-3, num_train_epochs=args.sft_epochs, max_steps=4 if args.fast else None,
                       per_device_train_batch_size=16, warmup_ratio=0.1, logging_steps=10, save_steps=0,
                       output_dir=str(sft_dir), bf16=args.dtype == "bfloat16", seed=0, device=args.device)
     result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
@@ -109,7 +110,7 @@ def main():
           f"hinge is 0 from 1/beta = {1 / 0.1:g} on")
 
     # --- 2. the SFT model -----------------------------------------------------------------------
-    section("2. the SFT model (监督微调, lesson 05's recipe)")
+    section(f"2. the SFT model (监督微调, lesson 05's recipe with {args.sft_epochs:g} epochs)")
     base = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
     model, tok = sft_model(args, data_dir, base)
     reference = copy.deepcopy(model).eval()  # pi_ref: the SFT model, frozen (LoRA: not needed, adapter off)
