@@ -78,8 +78,13 @@ def text_width(s: str, scale: int = 2) -> int:
     return len(s) * 4 * scale - scale
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average (bias-corrected), the dark curve over the raw losses."""
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average (bias-corrected), the dark curve over the raw losses.
+
+    The default weight grows with the number of points, as LLaMA-Factory's plot does
+    (1.8 * (sigmoid(0.05 n) - 0.5)): a short run is barely smoothed, so the curve doesn't lag."""
+    if weight is None:
+        weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
