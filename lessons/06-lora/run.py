@@ -29,11 +29,11 @@ from minitune.peft.lora import lora_layers  # noqa: E402
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
 QV, ALL = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 8, 16
+RANK, ALPHA = 16, 32
 
 
 def main():
-    args = S.parse_args("Lesson 06: LoRA", lr=5e-3)
+    args = S.parse_args("Lesson 06: LoRA", lr=3e-3)
     model, tok = S.load_model(args)
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
 
@@ -77,11 +77,11 @@ def main():
     model, _ = S.load_model(args)
     cfg = S.config(args, "lora", args.lr, str(S.ROOT / "runs" / "lesson-06"), lora_rank=RANK, lora_alpha=ALPHA,
                    lora_target="all")
-    print("the same run on the command line: minitune train --finetuning_type lora --lora_rank 8 --lora_alpha 16 "
-          "--lora_target all ...")
+    print(f"the same run on the command line: minitune train --finetuning_type lora --lora_rank {RANK} "
+          f"--lora_alpha {ALPHA} --lora_target all --learning_rate {args.lr:g} ...")
     lora = S.sft(model, tok, data, rows, cfg)
     print()
-    S.print_runs({"full FT": full, "LoRA r=8": lora})
+    S.print_runs({"full FT": full, f"LoRA r={RANK}": lora})
     print()
     S.verdict("LoRA", lora, full)
 

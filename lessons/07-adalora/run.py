@@ -29,7 +29,7 @@ from minitune.train.trainer import planned_steps  # noqa: E402
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INIT_R, TARGET_R = 12, 4
+INIT_R, TARGET_R = 16, 8  # LoRA in lesson 06: r = 16 everywhere
 
 
 def adalora_parameters(cfg, r: int, targets=MODULES) -> int:
@@ -65,7 +65,7 @@ def main():
              adalora_parameters(LLAMA_7B, INIT_R)),
             (f"  kept after pruning to target_r={TARGET_R} on average", adalora_parameters(tiny_cfg, TARGET_R),
              adalora_parameters(LLAMA_7B, TARGET_R)),
-            ("LoRA r=8 (lesson 06)", lora_parameters(tiny_cfg, 8), lora_parameters(LLAMA_7B, 8))):
+            ("LoRA r=16 (lesson 06)", lora_parameters(tiny_cfg, 16), lora_parameters(LLAMA_7B, 16))):
         print(f"{label:48}{tiny:>12,}{100 * tiny / formula_total(tiny_cfg):>10.2f}%"
               f"{big:>16,}{100 * big / formula_total(LLAMA_7B):>10.3f}%")
     print("(AdaLoRA trains init_r ranks all along: pruning masks Λ, it does not shrink the tensors; the saved "
