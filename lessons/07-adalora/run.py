@@ -38,7 +38,7 @@ def adalora_parameters(cfg, r: int, targets=MODULES) -> int:
 
 
 def main():
-    args = S.parse_args("Lesson 07: AdaLoRA", lr=3e-3)
+    args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2)
     model, tok = S.load_model(args)
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
 
@@ -96,15 +96,18 @@ def main():
                    adalora_target_r=TARGET_R, adalora_tinit=tinit, adalora_tfinal=tfinal, lora_target="all")
     print(f"minitune train --finetuning_type adalora --adalora_init_r {INIT_R} --adalora_target_r {TARGET_R} "
           f"--adalora_tinit {tinit} --adalora_tfinal {tfinal} --lora_target all --learning_rate {args.lr:g} ...")
-    kept = {}
+    kept, nonzero = {}, {}
 
     def record(m, step):  # after the trainer's AdaLoRA hook (update_and_allocate) at every step
-        kept[step] = sum(int((layer.lora_E != 0).sum()) for layer in svd_layers(m).values())
+        pattern = m.adalora_config.rank_pattern  # the allocator's mask: None until it first prunes
+        kept[step] = sum(sum(v) for v in pattern.values()) if pattern else plan.init_bgt
+        nonzero[step] = sum(int((layer.lora_E != 0).sum()) for layer in svd_layers(m).values())
 
     ada = S.sft(model, tok, data, rows, cfg, after_step=record)
-    print("\nthe budget as it happened (non-zero Λ entries after each step's allocation) vs the plan:")
+    print("\nthe budget as it happened (triplets the allocator keeps after each step; non-zero Λ_i, which stay 0 "
+          "while the warm-up learning rate is 0) vs the plan:")
     for t in marks:
-        print(f"  step {t:>4}: kept {kept[t]:>4}, planned {plan.budget_schedule(t)[0]:>4}")
+        print(f"  step {t:>4}: kept {kept[t]:>4} (non-zero Λ {nonzero[t]:>4}), planned {plan.budget_schedule(t)[0]:>4}")
     reg = [m["orth_reg"] for m in ada["metrics"].values() if "orth_reg" in m]
     if reg:
         print(f"orthogonality regulariser (in the logged loss, not in the table's loss): {reg[0]:.3f} -> {reg[-1]:.3f} "
