@@ -54,7 +54,9 @@ def load_for_training(cfg: TrainConfig):
     if not cfg.model_name_or_path or not cfg.datasets or not cfg.output_dir:
         raise SystemExit("error: model_name_or_path, dataset and output_dir must be set (file or flags)")
     # full fine-tuning keeps fp32 weights (AdamW needs them); bf16/fp16 autocast the matmuls
-    model, tok = minitune.load_pretrained(cfg.model_name_or_path, device="cpu", dtype=torch.float32)
+    # qlora (lesson 09): the base is stored in NF4 while it loads; LoRA then trains on top of it
+    quantize = "nf4" if cfg.finetuning_type == "qlora" else None
+    model, tok = minitune.load_pretrained(cfg.model_name_or_path, device="cpu", dtype=torch.float32, quantize=quantize)
     if tok is None:
         raise SystemExit(f"error: {cfg.model_name_or_path} has no tokenizer files")
     try:
@@ -72,7 +74,7 @@ def apply_finetuning_type(model, cfg: TrainConfig, tok=None):
     ft = cfg.finetuning_type
     rank = cfg.adalora_init_r if ft == "adalora" else cfg.lora_rank
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * rank  # LLaMA-Factory's default
-    if ft == "lora":
+    if ft in ("lora", "qlora"):  # apply_lora wraps a 4-bit base in QLoRALinear
         return peft.apply_lora(model, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora)
     if ft == "adalora":  # total_step is known only once the data is: training_hooks sets it
         return peft.apply_adalora(model, peft.AdaLoRAConfig(
@@ -157,7 +159,7 @@ def save_trained(model, tok, cfg: TrainConfig) -> str:
         save_final(model, tok, out)
         return f"model saved to {out}"
     tmp = out / f".adapter.tmp-{os.getpid()}"
-    if ft in ("lora", "adalora"):
+    if ft in ("lora", "qlora", "adalora"):
         save_adapter(model, tmp, cfg.model_name_or_path)  # it replaces its folder whole: not output_dir itself
     else:
         from safetensors.torch import save_file

@@ -70,8 +70,8 @@ def test_train_from_yaml_and_flags(tiny_dir, tmp_path, capsys):
 
 
 def test_train_refuses_what_is_not_implemented(tiny_dir):
-    with pytest.raises(SystemExit, match="finetuning_type 'lora' is not implemented yet"):
-        main(["train", "--finetuning_type", "lora", "--model_name_or_path", str(tiny_dir)])
+    with pytest.raises(SystemExit, match="stage 'rm' with finetuning_type 'adapter' is not implemented yet"):
+        main(["train", "--stage", "rm", "--finetuning_type", "adapter", "--model_name_or_path", str(tiny_dir)])
     with pytest.raises(SystemExit, match=r"unknown key 'learnig_rate'; did you mean 'learning_rate'"):
         main(["train", "--learnig_rate", "1"])
 

@@ -29,6 +29,7 @@ LINES = ["Who are you? I am minitune, a small model.", "What is two plus two? Fo
          "The cat sat on the mat.", "Paris is the capital of France."] * 5
 TYPES = ["lora", "adalora", "adapter", "prefix", "prompt", "ptuning"]
 EXTRA = {"lora": ["--lora_rank", "4", "--lora_target", "q_proj,v_proj,down_proj"],
+         "qlora": ["--lora_rank", "4", "--lora_target", "all"],
          "adalora": ["--adalora_init_r", "4", "--adalora_target_r", "2", "--adalora_tinit", "1",
                      "--adalora_tfinal", "1", "--lora_target", "all"],
          "adapter": ["--adapter_bottleneck", "8", "--adapter_mode", "parallel"],
@@ -253,3 +254,19 @@ def test_bad_settings_and_adapters_are_clear_errors(tiny_dir, tmp_path, monkeypa
         main(["chat", "--model", str(other), "--adapter", str(tmp_path / "ad")])
     with pytest.raises(SystemExit, match=r"--adapter .*nowhere.*adapter_config.json: not found"):
         main(["generate", "--model", str(other), "--adapter", str(tmp_path / "nowhere"), "--prompt", "x"])
+
+
+def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads_onto_nf4(tiny_dir, tmp_path, monkeypatch, capsys):
+    from minitune.quant import Linear4bit
+
+    start, model = run_cli_train(tiny_dir, tmp_path / "out", "qlora", monkeypatch)
+    assert re.search(rf"trained {STEPS} steps .*qlora adapter saved to", capsys.readouterr().out)
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 7 * 2  # every linear but the tied head
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)
+    assert any(not torch.equal(model.get_parameter(n), start[n]) for n in trained)
+    # the PEFT-layout adapter goes back onto a freshly quantized base with the same outputs
+    fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32, quantize="nf4")
+    reloaded = cli.attach_adapter(fresh, tmp_path / "out")
+    ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)

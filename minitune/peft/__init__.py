@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning by hand: one method per file (lessons 06-08)."""
+"""Parameter-efficient fine-tuning by hand: one method per file (lessons 06-09)."""
 
 from .lora import AdapterError
 from .lora import LoRALinear
@@ -10,6 +10,10 @@ from .lora import merge_lora
 from .lora import print_trainable_parameters
 from .lora import save_adapter
 from .lora import unmerge_lora
+from .lora import disable_lora
+from .qlora import QLoRALinear
+from .qlora import load_qlora
+from .qlora import merge_and_dequantize
 from .adalora import AdaLoRAConfig
 from .adalora import AdaLoRAController
 from .adalora import SVDLinear

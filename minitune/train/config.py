@@ -28,7 +28,7 @@ from pathlib import Path
 
 STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")
-PEFT_TYPES = ("lora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-08, minitune.peft
+PEFT_TYPES = ("lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-09, minitune.peft
 SCHEDULERS = ("cosine", "linear", "constant")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # stage dpo: minitune.rlhf.dpo.DPO_LOSS_TYPES
 # keys of LLaMA-Factory example configs that change nothing here; accepted with a note, so its files load
@@ -139,14 +139,14 @@ class TrainConfig:
     def validate_peft(self, bad):
         """The parameter-efficient settings (only those the chosen finetuning_type reads are checked)."""
         ft = self.finetuning_type
-        positive = {"lora": ("lora_rank",), "adalora": ("adalora_init_r", "adalora_target_r", "adalora_deltaT"),
+        positive = {"lora": ("lora_rank",), "qlora": ("lora_rank",), "adalora": ("adalora_init_r", "adalora_target_r", "adalora_deltaT"),
                     "adapter": ("adapter_bottleneck",), "prefix": ("num_virtual_tokens", "pre_seq_len"),
                     "prompt": ("num_virtual_tokens", "pre_seq_len"), "ptuning": ("num_virtual_tokens", "pre_seq_len",
                                                                                  "encoder_hidden_size")}
         for key in positive.get(ft, ()):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if ft in ("lora", "adalora") and not 0 <= self.lora_dropout < 1:
+        if ft in ("lora", "qlora", "adalora") and not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if ft == "adalora":
             if self.adalora_target_r > self.adalora_init_r:
