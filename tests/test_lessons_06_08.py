@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 # ------------------------------------------------------------------ lessons run (fast mode)
 
 @pytest.mark.parametrize("lesson,expect", [
-    ("06-lora", ["B = 0", "LLaMA-7B", "LoRA r=8", "merged", "adapter_config.json", "read back"]),
+    ("06-lora", ["B = 0", "LLaMA-7B", "LoRA r=16", "merged", "adapter_config.json", "read back"]),
     ("07-adalora", ["Λ = 0", "budget", "kept", "final rank of every adapted layer", "rank_pattern"]),
     ("08-peft-families", ["adapter", "prefix", "prompt", "P-tuning", "LLaMA-7B", "exact match"]),
 ])
