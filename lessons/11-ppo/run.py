@@ -85,7 +85,7 @@ def sft_start(steps):
 
 # --------------------------------------------------------------------------- 0
 section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
-sft, tok = sft_start(10 if FAST else 120)
+sft, tok = sft_start(10 if FAST else 300)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]

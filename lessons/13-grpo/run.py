@@ -75,7 +75,7 @@ def sft_start(steps):
 
 # --------------------------------------------------------------------------- 0
 section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
-sft, tok = sft_start(10 if FAST else 120)
+sft, tok = sft_start(10 if FAST else 300)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
@@ -126,8 +126,8 @@ def heldout_kl(model, questions, n_samples=4):
 
 
 section("2. GRPO on arithmetic: accuracy on held-out sums before and after, and the KL to the reference")
-cfg = GRPOConfig(steps=3 if FAST else 20, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
-                 learning_rate=1e-4, beta=0.04, max_new_tokens=8, log_path=str(out / "grpo.jsonl"))
+cfg = GRPOConfig(steps=3 if FAST else 30, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
+                 learning_rate=2e-4, beta=0.04, max_new_tokens=8, log_path=str(out / "grpo.jsonl"))
 print("GRPOConfig: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
     "steps", "batch_size", "num_generations", "mini_batch_size", "num_iterations", "learning_rate", "beta",
     "cliprange", "max_new_tokens", "temperature")))
