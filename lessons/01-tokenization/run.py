@@ -118,7 +118,7 @@ print(f"\nheld-out mixed text ({len(sample)} chars): byte-level {len(tok.encode(
       f"sentencepiece {len(sp_tok.encode(sample))} tokens")
 
 # --------------------------------------------------------------------------- 4
-section("4. Chat templates: one conversation, six layouts")
+section("4. Chat templates: one conversation, six layouts (ChatML, LLaMA-2, LLaMA-3, Alpaca, ChatGLM, Human/Assistant)")
 messages = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": "Paris."},
