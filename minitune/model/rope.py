@@ -39,17 +39,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of m * theta_i for each position; position_ids [B, T] -> two [B, T, head_dim]."""
+    """cos and sin of m * theta_i for each position; position_ids [B, T] -> two [B, 1, T, head_dim]
+    (the 1 broadcasts over attention heads; computed once per forward, shared by every layer)."""
     # angles in float32 even for bf16 models: m * theta needs more than 8 bits of mantissa
-    angles = position_ids[:, :, None].float() * inv_freq[None, None, :].float()  # [B, T, d/2]
-    emb = torch.cat((angles, angles), dim=-1)  # [B, T, d]: channels i and i + d/2 share an angle
+    angles = position_ids[:, None, :, None].float() * inv_freq.float()  # [B, 1, T, d/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [B, 1, T, d]: channels i and i + d/2 share an angle
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, d] by the angles in cos/sin [B, T, d]."""
+    """Rotate x [B, heads, T, d] by the angles in cos/sin [B, 1, T, d]."""
     # BEGIN EXERCISE 02.2: apply_rope
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
     # END EXERCISE
