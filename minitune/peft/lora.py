@@ -16,9 +16,7 @@ Adapters move both ways with Hugging Face PEFT: our module names are HF's, so PE
 
 import json
 import math
-import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_dir
 from ..quant.linear4bit import Linear4bit
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -235,26 +234,13 @@ def _target_modules_for_config(model: nn.Module, names: list[str]):
 
 
 def write_adapter_dir(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """adapter_config.json + adapter_model.safetensors, written into a temporary folder beside
-    `out_dir` that then replaces it, so a crash never leaves half an adapter behind."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """adapter_config.json + adapter_model.safetensors, written atomically (minitune.atomic), so a
+    crash never leaves half an adapter behind."""
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
