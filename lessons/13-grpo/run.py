@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import minitune
-from minitune.classroom.lesson import ROOT, finish, section
+from minitune.classroom.lesson import ROOT, finish, section, sft_start
 from minitune.rlhf import (GRPOConfig, arithmetic_reward, group_advantages, reference_logprobs, response_logprobs,
                            sample_rollout, score_responses, text_reward, train_grpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
@@ -41,41 +41,9 @@ args = parse_args()
 FAST, out = args.fast, Path(args.out)
 
 
-def sft_start(steps):
-    """(SFT model, tokenizer): --sft if given; else the model SFT'd as in lesson 05 (shorter), cached in
-    runs/rlhf-sft-<steps>/ for lessons 11 and 13 and reused while the base model and the step count are the same."""
-    from minitune.data import PaddingCollator, prepare_sft
-    from minitune.train import TrainConfig, train
-
-    if args.sft:
-        print(f"SFT model: {args.sft} (--sft)")
-        return minitune.load_pretrained(args.sft, device=args.device, dtype=torch.float32)
-    base = Path(args.model)
-    if not (base / "config.json").is_file() or not (base / "data").is_dir():
-        sys.exit(f"this lesson needs the tiny world: {base} with config.json and data/ (build it with "
-                 "python -m minitune.tiny.build --out weights/tiny)")
-    weights = [[w.name, w.stat().st_size, w.stat().st_mtime] for w in sorted(base.glob("*.safetensors"))]
-    key = {"model": str(base.resolve()), "steps": steps, "weights": weights}
-    cache = Path(f"runs/rlhf-sft-{steps}")
-    if (cache / "source.json").is_file() and json.loads((cache / "source.json").read_text()) == key:
-        print(f"SFT model: {cache} (cached: {steps} SFT steps of {base}; delete the folder to redo)")
-        return minitune.load_pretrained(cache, device=args.device, dtype=torch.float32)
-    model, tok = minitune.load_pretrained(base, device=args.device, dtype=torch.float32)
-    data = prepare_sft(base / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
-    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
-                      logging_steps=steps, save_steps=0, seed=0, device=args.device)
-    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
-    losses = list(result.losses.values())
-    print(f"SFT of {base}: {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({result.runtime_s:.0f} s)")
-    minitune.save_pretrained(model, tok, cache)
-    (cache / "source.json").write_text(json.dumps(key))
-    print(f"saved to {cache}; lessons 11 and 13 reuse it")
-    return model, tok
-
-
 # --------------------------------------------------------------------------- 0
 section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
-sft, tok = sft_start(10 if FAST else 300)
+sft, tok = sft_start(args, 10 if FAST else 300)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
