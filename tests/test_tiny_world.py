@@ -122,3 +122,12 @@ def test_lesson_05_fast_runs_and_prints_its_table(tmp_path):
     assert (tmp_path / "run" / "training_loss.png").exists()
     assert (tmp_path / "run" / "trainer_log.jsonl").exists()
     print(f"lesson 05 --fast: {time.perf_counter() - t:.0f} s")
+
+
+def test_lesson_04_fast_runs_and_prints_the_memory_math_and_pretraining_effect():
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.run([sys.executable, "lessons/04-tiny-model/run.py", "--fast"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4.4 GB in fp32, 2.2 GB in bf16" in proc.stdout  # the 1.1B-parameter example
+    assert re.search(r"random init [\d.]+ .* pretrained [\d.]+", proc.stdout)
