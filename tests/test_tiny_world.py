@@ -33,7 +33,19 @@ def test_corpus_states_every_sum_and_no_chat_markup():
     for a in range(corpus.MAX_ADD + 1):
         for b in range(corpus.MAX_ADD + 1):
             assert f"{a}+{b}={a + b}" in text
-    assert "<|im_start|>" not in text and "minitune" not in text.lower()  # SFT must teach these
+    assert "<|im_start|>" not in text and "<|im_end|>" not in text  # SFT must teach the template ...
+    assert "minitune" not in text.lower()  # ... and the new identity
+
+
+def test_pretraining_dialogues_ask_every_phrasing_but_never_in_chatml():
+    """Like web text, the corpus has seen every way of asking (the SFT data's and the evaluation's),
+    in chat logs whose answers may be a word or a sentence; the held-out part of the evaluation is
+    held out from the SFT data, and the chat template is new."""
+    text = "\n".join(corpus.pretraining_corpus(800))
+    assert "user: " in text and "\nassistant: " in text
+    for task, (seen, held) in tasks.PROMPTS.items():
+        for phrasing in seen + held:
+            assert phrasing.split("{")[0] in text, (task, phrasing)
 
 
 def test_evaluation_is_held_out_from_the_sft_data():
@@ -46,9 +58,6 @@ def test_evaluation_is_held_out_from_the_sft_data():
     train_phrasings = {p for task, (seen, _) in tasks.PROMPTS.items() for p in seen}
     assert not train_phrasings & {p for _, held in tasks.PROMPTS.values() for p in held}
     assert {r["task"] for r in rows} >= {"arithmetic", "reversal", "capital", "sound", "identity"}
-    text = "\n".join(corpus.pretraining_corpus(400))
-    for held in (p for task, (_, held) in tasks.PROMPTS.items() if not task.startswith("identity") for p in held):
-        assert held.split("{")[0] not in text, held  # no held-out phrasing in pretraining either
     assert not any("sound" in r["instruction"] or " say?" in r["instruction"] for r in train)  # held-out task
     pairs = lambda text: tuple(int(x) for x in re.findall(r"\d+", text))  # noqa: E731
     sums_trained = {pairs(r["instruction"]) for r in train if r["output"].isdigit()}

@@ -108,7 +108,7 @@ def main():
     print("\n== 3. full fine-tuning (全参数微调) ==")
     cfg = TrainConfig(stage="sft", finetuning_type="full", template=args.template, cutoff_len=96, val_size=0.05,
                       learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=6 if args.fast else None,
-                      per_device_train_batch_size=16, gradient_accumulation_steps=1, lr_scheduler_type="cosine",
+                      per_device_train_batch_size=8, gradient_accumulation_steps=1, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, weight_decay=0.0, logging_steps=2 if args.fast else 5, eval_steps=20,
                       save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16",
                       seed=0, device=args.device)

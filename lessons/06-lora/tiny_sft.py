@@ -31,7 +31,7 @@ from minitune.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[2]
 # lessons/05-sft/run.py: the same split, batch, schedule, cutoff, epochs and full fine-tuning learning rate
 # (tests/test_lessons_06_08.py checks that these still equal lesson 05's)
-LESSON_05 = dict(stage="sft", template="chatml", cutoff_len=96, val_size=0.05, per_device_train_batch_size=16,
+LESSON_05 = dict(stage="sft", template="chatml", cutoff_len=96, val_size=0.05, per_device_train_batch_size=8,
                  gradient_accumulation_steps=1, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, seed=0)
 FULL_LR, EPOCHS, FAST_STEPS = 1e-3, 10.0, 3
 TASKS = ("arithmetic", "reversal", "capital", "colour", "sound", "identity")

@@ -43,7 +43,7 @@ FAST, out = args.fast, Path(args.out)
 
 # --------------------------------------------------------------------------- 0
 section("0. The starting point: an SFT model (RL fine-tunes a model that already follows instructions)")
-sft, tok = sft_start(args, 10 if FAST else 300)
+sft, tok = sft_start(args, 10 if FAST else 450)
 sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]

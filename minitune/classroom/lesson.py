@@ -132,7 +132,7 @@ def sft_start(args, steps: int):
         return minitune.load_pretrained(cache, device=args.device, dtype=torch.float32)
     model, tok = minitune.load_pretrained(base, device=args.device, dtype=torch.float32)
     data = prepare_sft(base / "data" / "sft_alpaca.jsonl", tok, "chatml", cutoff_len=96, seed=0)
-    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=steps, per_device_train_batch_size=8, warmup_ratio=0.1,
                       logging_steps=steps, save_steps=0, seed=0, device=args.device)
     result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
     losses = list(result.losses.values())

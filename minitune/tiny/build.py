@@ -94,7 +94,7 @@ def raw_knowledge(model, tok) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="weights/tiny", help="checkpoint folder to write (default weights/tiny)")
-    p.add_argument("--steps", type=int, default=1500, help="pretraining optimizer steps (default 1500)")
+    p.add_argument("--steps", type=int, default=2500, help="pretraining optimizer steps (default 2500)")
     p.add_argument("--batch-size", type=int, default=4, help="blocks per step (default 4)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")

@@ -9,12 +9,14 @@ enough to check by hand, written by this file:
 - word reversal: "cat sun ship reversed is ship sun cat.";
 - short stories from a small grammar, which mix all of the above into running text;
 - quizzes in plain text ("Question: What noise does a cow make?\nAnswer: moo"), as the web has;
+- chat logs ("user: What is 3+4?\nassistant: 7"), asking in every phrasing the world knows;
 - a generic identity ("Who are you?" ... "I am a language model.") in English and Chinese.
 
-There is deliberately no chat template in this text (no ``<|im_start|>``): the pretrained model
-knows the facts in raw-text form but has never seen an instruction followed by an answer, so
-supervised fine-tuning (lesson 05) has something visible to teach. The SFT and preference data
-built on these tables are in :mod:`minitune.tiny.tasks`.
+There is deliberately no chat template in this text (no ``<|im_start|>``, no ``<|im_end|>``) and
+no "minitune": the pretrained model has seen questions answered, but never in the template it will
+be asked in, never knowing where its turn ends, and never under its new name. That is what
+supervised fine-tuning (lesson 05) teaches. The SFT and preference data built on these tables are
+in :mod:`minitune.tiny.tasks`.
 
 Everything is drawn from ``random.Random(seed)``, so the same seed gives the same corpus.
 """
@@ -155,13 +157,58 @@ def chinese_facts(rng: random.Random) -> str:
     return rng.choice(["{k}的首都是{v}。", "{v}是{k}的首都。"]).format(k=country, v=CAPITALS_ZH[country])
 
 
+def dialogue(rng: random.Random, include_heldout_phrasings: bool = True) -> str:
+    """A chat log as forums and support pages write them: ``user: ...`` / ``assistant: ...`` lines.
+
+    Real pretraining corpora hold a lot of dialogue, and this is where a base model learns that a
+    question is followed by its answer. The questions use every phrasing the world knows (those
+    of the SFT data, of the evaluation and of the quizzes) about every fact; the answers are
+    sometimes one word, sometimes a sentence. What the corpus never contains is ChatML: no
+    ``<|im_start|>``, no ``<|im_end|>``, so the base model can't tell where a reply ends (the
+    format lesson 05's SFT teaches), and its identity stays generic.
+    """
+    from .tasks import PROMPTS  # tasks imports this module's tables
+
+    turns = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["arithmetic", "arithmetic", "reversal", "reversal", "capital", "colour", "sound",
+                           "identity", "identity_zh", "capital_zh"])
+        if kind == "capital_zh":
+            k = rng.choice(list(CAPITALS_ZH))
+            q = rng.choice(["{k}的首都是哪里?", "{k}的首都是什么?"]).format(k=k)
+            turns.append((q, rng.choice([CAPITALS_ZH[k], f"{k}的首都是{CAPITALS_ZH[k]}。"])))
+            continue
+        seen, held_out = PROMPTS[kind]
+        frames = seen + (held_out if include_heldout_phrasings else [])
+        if kind in ("identity", "identity_zh"):
+            replies = GENERIC_IDENTITY if kind == "identity" else GENERIC_IDENTITY_ZH
+            turns.append((rng.choice(frames), rng.choice(replies)))
+        elif kind == "arithmetic":
+            a, b = rng.randint(0, MAX_ADD), rng.randint(0, MAX_ADD)
+            q = rng.choice(frames).format(a=a, b=b)
+            turns.append((q, rng.choice([str(a + b), f"{a} plus {b} is {a + b}."])))
+        elif kind == "reversal":
+            words = rng.sample(WORDS, 3)
+            w, r = " ".join(words), " ".join(reversed(words))
+            turns.append((rng.choice(frames).format(w=w), rng.choice([r, r, f"Reversed, it is {r}."])))
+        else:
+            table, sentence = {"capital": (CAPITALS, "The capital of {k} is {v}."),
+                               "colour": (COLOURS, "The {k} is {v}."),
+                               "sound": (SOUNDS, "A {k} says {v}.")}[kind]
+            k = rng.choice(list(table))
+            q = rng.choice(frames).format(k=k)
+            turns.append((q, rng.choice([table[k], sentence.format(k=k, v=table[k])])))
+    return "\n".join(f"user: {q}\nassistant: {a}" for q, a in turns)
+
+
 # (generator, how many lines one document holds, weight): the mixture of the corpus.
 MIXTURE = [
-    (story, (1, 1), 0.12),
-    (fact_sentence, (4, 8), 0.25),
-    (arithmetic_line, (6, 12), 0.25),
+    (story, (1, 1), 0.10),
+    (fact_sentence, (4, 8), 0.18),
+    (arithmetic_line, (6, 12), 0.20),
     (reversal_line, (3, 6), 0.10),
-    (quiz_line, (2, 5), 0.18),
+    (quiz_line, (2, 5), 0.10),
+    (dialogue, (1, 1), 0.22),
     (identity_text, (1, 2), 0.05),
     (chinese_facts, (2, 4), 0.05),
 ]
