@@ -71,8 +71,8 @@ def memory_math(model, device):
               f"{human_bytes(b * n1b):>12}")
     print(f"\nfull fine-tuning of the {n1b / 1e9:.2f}B model with AdamW, batch 1 x 1024 tokens:")
     print(estimate_memory(ONE_B, "full", torch.bfloat16, batch_size=1, seq_len=1024))
-    print(f"\nand of the tiny model, batch 16 x 128 (how it was pretrained):")
-    print(estimate_memory(model.config, "full", torch.float32, batch_size=16, seq_len=128))
+    print(f"\nand of the tiny model, batch 4 x 128 (how it was pretrained):")
+    print(estimate_memory(model.config, "full", torch.float32, batch_size=4, seq_len=128))
 
 
 def number_formats():
