@@ -102,10 +102,10 @@ def test_chat_through_a_pipe(tiny_dir, monkeypatch, capsys):
 
 
 def test_chat_keeps_the_history_and_reset_clears_it(tiny_dir, monkeypatch):
-    import minitune.cli as cli
+    import minitune.chat as chat
 
     seen = []
-    monkeypatch.setattr(cli, "reply", lambda model, tok, device, args, messages, prompt, out=None:
+    monkeypatch.setattr(chat, "reply", lambda model, tok, device, args, messages, prompt, out=None:
                         seen.append([m["content"] for m in messages]) or f"answer {len(seen)}")
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n/reset\nagain\n"))  # ends without /exit
     main(["chat", "--model", str(tiny_dir), "--system", "be brief"])
@@ -113,7 +113,7 @@ def test_chat_keeps_the_history_and_reset_clears_it(tiny_dir, monkeypatch):
 
 
 def test_streamer_holds_back_a_possible_stop_string_and_cuts_at_it():
-    from minitune.cli import StopGeneration, Streamer
+    from minitune.chat import StopGeneration, Streamer
 
     class CharTok:  # id i is the character chr(i)
         def decode(self, ids):
@@ -126,3 +126,29 @@ def test_streamer_holds_back_a_possible_stop_string_and_cuts_at_it():
             s(torch.tensor([ord(ch)]))
             assert "###" not in out.getvalue()  # never prints a stop string, even half of one at the end
     assert out.getvalue() == s.text == "Hi #1 ok\n"
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(tiny_dir, monkeypatch, capsys):
+    import minitune.chat as chat
+
+    seen = []
+    monkeypatch.setattr(chat, "reply", lambda model, tok, device, args, messages, prompt, out=None:
+                        seen.append([m["content"] for m in messages]) or "ok")
+    load = chat.load_for_inference
+
+    def short_context(args):  # this model's config says 32768; pretend it was trained on 512
+        model, tok, device = load(args)
+        model.config.max_position_embeddings = 512
+        return model, tok, device
+
+    monkeypatch.setattr(chat, "load_for_inference", short_context)
+    words = "the cat sat on the mat " * 8  # ~50 tokens a message with this tokenizer
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{i} {words}\n" for i in range(6)) + ("cat " * 400) + "\n"))
+    # context 512, 256 of it reserved for the reply: a few messages fit
+    main(["chat", "--model", str(tiny_dir), "--max_new_tokens", "256"])
+    out = capsys.readouterr().out
+    assert "oldest exchange" in out and "to fit the 512-token context" in out
+    assert len(seen) == 6 and seen[0][0].startswith("0 ")
+    assert not seen[-1][0].startswith("0 ") and seen[-1][-1].startswith("5 ")  # the newest is always kept
+    assert "not sent: this message makes a" in out  # 400 words alone do not fit
+    assert len(seen) == 6  # ... and nothing was generated for it
