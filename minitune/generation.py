@@ -77,12 +77,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         if len(eos_ids):
             tok = torch.where(finished, eos_ids[0], tok)
             finished |= torch.isin(tok, eos_ids)
-        out.append(tok[:, None])
+        step_ids = tok[:, None]
+        out.append(step_ids)
         if on_token is not None:
             on_token(tok)
-        if bool(finished.all()):
+        if len(eos_ids) and bool(finished.all()):  # without an EOS id nothing can finish early
             break
-        step_ids = tok[:, None]
         position_ids = position_ids[:, -1:] + 1
         if padded:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)

@@ -55,6 +55,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm  # a flag, not hasattr(self, "q_norm"): nn.Module's failed lookup is slow
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -63,11 +64,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if hasattr(self, "q_norm"):
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, d]
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # q and k turn by the same angles, so rotate them as one tensor: when decoding one token each
+        # small op costs more than its arithmetic, and one rotation is 5 ops fewer than two
+        qk = apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)  # [B, H + kv_heads, T, d]
+        q, k = qk.split_with_sizes((self.n_heads, self.n_kv), dim=1)  # Tensor.split adds a Python layer
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, kv_heads, past + T, d]
         # BEGIN EXERCISE 02.3: grouped-query attention
