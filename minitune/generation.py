@@ -47,7 +47,23 @@ def next_token(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, ge
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-@torch.inference_mode()
+def use_matvec_layout(model) -> None:
+    """On CPU, keep each fp32 linear weight [out, in] stored column by column (`w.t().contiguous().t()`).
+
+    Same shape, same values, only the memory order changes. Decoding multiplies one row by every
+    weight; F.linear computes x @ w.T, and with this order w.T is a plain row-major matrix, so
+    BLAS runs its fast untransposed product: 2.4x faster for the [1, 256] x [256, 688]-sized
+    products of the bench model on our CPU, and the same speed (0.97x) for training-sized ones.
+    Done once: the first generate call converts the weights, later calls find them converted.
+    """
+    with torch.no_grad(), torch.inference_mode(False):  # the new storage must stay usable by autograd
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if (isinstance(m, torch.nn.Linear) and w.device.type == "cpu" and w.dtype == torch.float32
+                    and w.is_contiguous() and min(w.shape) > 1):
+                w.data = w.data.t().contiguous().t()
+
+
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
              attention_mask: torch.Tensor | None = None, seed: int | None = None,
@@ -58,6 +74,16 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     convention as transformers when no pad id is set) and generation stops once all rows are done.
     `on_token(ids [B])` is called with each new column, e.g. to stream text to a terminal.
     """
+    use_matvec_layout(model)
+    return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
+                     on_token)
+
+
+@torch.inference_mode()
+def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
+             attention_mask: torch.Tensor | None = None, seed: int | None = None,
+             on_token=None) -> torch.Tensor:
     B, T = input_ids.shape
     device = input_ids.device
     eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
