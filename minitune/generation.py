@@ -9,6 +9,8 @@ same column; `attention_mask` (1 = real token) keeps padding out of attention, a
 count real tokens only, so a padded prompt gets the same positions as the unpadded one.
 """
 
+from contextlib import contextmanager
+
 import torch
 
 from .model.kv_cache import KVCache
@@ -47,21 +49,28 @@ def next_token(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, ge
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-def use_matvec_layout(model) -> None:
-    """On CPU, keep each fp32 linear weight [out, in] stored column by column (`w.t().contiguous().t()`).
+@contextmanager
+def matvec_layout(model):
+    """On CPU, store each fp32 linear weight [out, in] column by column while decoding, then put it back.
 
-    Same shape, same values, only the memory order changes. Decoding multiplies one row by every
-    weight; F.linear computes x @ w.T, and with this order w.T is a plain row-major matrix, so
-    BLAS runs its fast untransposed product: 2.4x faster for the [1, 256] x [256, 688]-sized
-    products of the bench model on our CPU, and the same speed (0.97x) for training-sized ones.
-    Done once: the first generate call converts the weights, later calls find them converted.
+    Same shape, same values, only the memory order changes (`w.t().contiguous().t()`). Decoding
+    multiplies one row by every weight; F.linear computes x @ w.T, and with this order w.T is a
+    plain row-major matrix, so BLAS runs its fast untransposed product: 2.4x faster for one row
+    times the bench model's [256, 688] weights on our CPU. The weights are restored afterwards, so
+    training after generation runs exactly as it would have (two copies of the weights per call:
+    milliseconds for the models trained on a CPU).
     """
-    with torch.no_grad(), torch.inference_mode(False):  # the new storage must stay usable by autograd
-        for m in model.modules():
-            w = getattr(m, "weight", None)
-            if (isinstance(m, torch.nn.Linear) and w.device.type == "cpu" and w.dtype == torch.float32
-                    and w.is_contiguous() and min(w.shape) > 1):
-                w.data = w.data.t().contiguous().t()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32 and m.weight.is_contiguous() and min(m.weight.shape) > 1]
+    weights = list({id(m.weight): m.weight for m in linears}.values())  # a tied weight once
+    with torch.no_grad(), torch.inference_mode(False):  # storage made here must stay usable by autograd
+        for w in weights:
+            w.data = w.data.t().contiguous().t()
+        try:
+            yield
+        finally:
+            for w in weights:
+                w.data = w.data.contiguous()
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -74,9 +83,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     convention as transformers when no pad id is set) and generation stops once all rows are done.
     `on_token(ids [B])` is called with each new column, e.g. to stream text to a terminal.
     """
-    use_matvec_layout(model)
-    return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
-                     on_token)
+    with matvec_layout(model):
+        return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
+                         on_token)
 
 
 @torch.inference_mode()

@@ -97,3 +97,28 @@ def test_on_token_streams_every_new_column(model):
 def test_generation_does_not_track_gradients(model):
     out = minitune.generate(model, prompt(), 3)
     assert not out.requires_grad and out.dtype == torch.long
+
+
+def test_generate_leaves_the_weights_as_it_found_them():
+    """The decode-time column-major layout (generation.matvec_layout) is undone afterwards, also
+    when on_token stops generation with an exception, and the tokens match a plain layout's."""
+    from minitune.generation import matvec_layout
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    minitune.generate(model, ids, 8)
+    for n, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[n]), n
+
+    def stop(tok):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        minitune.generate(model, ids, 8, on_token=stop)
+    assert all(p.is_contiguous() for p in model.parameters())
+    with matvec_layout(model):
+        assert not model.lm_head.weight.is_contiguous()  # (tied: the embedding table too)
+        assert torch.equal(model.lm_head.weight, before["model.embed_tokens.weight"])
