@@ -2,38 +2,26 @@
 
 The losses, estimators and controllers here are plain functions on tensors, so each can
 be read (and tested) beside its equation without a model in sight.
+
+    pairs.py        preference pairs -> token ids, bad pairs counted (RM and DPO)
+    reward.py       the reward model and its pairwise loss (lesson 10)
+    ppo.py          PPO's math: log-probs, masked statistics, KL-penalised rewards, GAE, losses (lesson 11)
+    rollout.py      sampling responses and scoring them (PPO and GRPO)
+    collapse.py     the collapse watch: response length and repetition, warnings
+    ppo_trainer.py  the PPO loop with its four models (lesson 11)
+    dpo.py          DPO and its variants (lesson 12)
+    grpo.py         GRPO with a rule-checked reward (lesson 13)
 """
 
+from .collapse import collapse_stats, collapse_warnings, repetition_rate
 from .dpo import (DPO_LOSS_TYPES, add_reference_logps, dpo_loss, dpo_loss_fn, policy_logps, response_kl,
                   sequence_logps, train_dpo)
 from .grpo import GRPOConfig, arithmetic_problem, arithmetic_reward, group_advantages, grpo_loss, grpo_step, train_grpo
-from .ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    collapse_stats,
-    collapse_warnings,
-    compute_gae,
-    entropy_from_logits,
-    kl_penalty_rewards,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    repetition_rate,
-)
-from .ppo_trainer import (
-    PPOConfig,
-    Rollout,
-    ppo_step,
-    reference_logprobs,
-    response_logprobs,
-    sample_rollout,
-    score_responses,
-    text_reward,
-    train_ppo,
-)
-from .reward import (PairCollator, PairData, PairReport, RewardModel, gather_last, last_token_index,
-                     load_reward_model, pairwise_loss, prepare_pairs, reward_accuracy, reward_loss_fn,
-                     save_reward_model, score_pairs, stack_pairs, train_reward_model)
+from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs
+from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits, kl_penalty_rewards,
+                  logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from .ppo_trainer import PPOConfig, critic_values, ppo_step, train_ppo
+from .reward import (RewardModel, gather_last, last_token_index, load_reward_model, pairwise_loss, reward_accuracy,
+                     reward_loss_fn, save_reward_model, score_pairs, train_reward_model)
+from .rollout import (Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward,
+                      user_message)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..peft.lora import disable_lora, lora_layers
 from .ppo import logprobs_from_logits
-from .reward import PairCollator, PairData, stack_pairs
+from .pairs import PairCollator, PairData, stack_pairs
 
 __all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES", "policy_logps", "dpo_loss_fn", "add_reference_logps",
            "train_dpo", "response_kl"]

@@ -19,7 +19,7 @@ Normalisation: as in the paper, each sequence's tokens are averaged first (1/|o_
 sequences are averaged, so every response weighs the same whatever its length.  (Later
 work, e.g. DAPO, averages over all tokens of the batch instead; not done here.)
 
-The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers: sample G responses
+The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers (``rollout.py``): sample G responses
 per prompt, score them with the rule, group-normalise, then a few clipped updates.  Two
 models only: the actor and the frozen reference (no critic, no learned reward model).
 """
@@ -34,8 +34,10 @@ import torch.nn as nn
 
 from ..train.optim import make_optimizer
 from ..train.trainer import seed_everything
-from .ppo import collapse_stats, collapse_warnings, masked_mean
-from .ppo_trainer import reference_logprobs, response_logprobs, run_steps, sample_rollout, score_responses
+from .collapse import collapse_stats, collapse_warnings
+from .ppo import masked_mean
+from .ppo_trainer import run_steps
+from .rollout import reference_logprobs, response_logprobs, sample_rollout, score_responses
 
 __all__ = ["group_advantages", "grpo_loss", "arithmetic_reward", "GRPOConfig", "grpo_step", "train_grpo"]
 
@@ -203,7 +205,7 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
     """Run cfg.steps GRPO steps on prompts drawn from ``prompts`` (token lists); returns the step records.
 
     reference: a frozen model, or None for the actor with its LoRA adapters off; reward: a rule
-    ``reward(prompt_ids, response_ids)`` (see ppo_trainer.text_reward) or a RewardModel.
+    ``reward(prompt_ids, response_ids)`` (see rollout.text_reward) or a RewardModel.
     """
     seed_everything(cfg.seed)
     if isinstance(reference, nn.Module):

@@ -16,8 +16,9 @@ One PPO step (the math is in ``ppo.py``):
                                             - ent_coef * entropy
     5. the KL controller sees the batch's KL; log the collapse watch numbers
 
-The rollout helpers (``sample_rollout``, ``response_logprobs``, ``score_responses``) are shared
-with GRPO (``grpo.py``), which keeps steps 1-2 and drops the critic.
+Steps 1-2 are the rollout helpers of ``rollout.py`` (``sample_rollout``, ``response_logprobs``,
+``score_responses``), shared with GRPO (``grpo.py``), which drops the critic; the numbers of step 5
+are ``collapse.py``'s.
 """
 
 from __future__ import annotations
@@ -32,26 +33,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..generation import generate
 from ..train.optim import make_optimizer
 from ..train.trainer import seed_everything
-from .ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    collapse_stats,
-    collapse_warnings,
-    compute_gae,
-    entropy_from_logits,
-    kl_penalty_rewards,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
+from .collapse import collapse_stats, collapse_warnings
+from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_mean, masked_whiten,
+                  ppo_policy_loss, ppo_value_loss)
+from .rollout import Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses
 
-__all__ = ["PPOConfig", "Rollout", "sample_rollout", "response_logprobs", "score_responses", "text_reward",
-           "reference_logprobs", "ppo_step", "run_steps", "train_ppo"]
+__all__ = ["PPOConfig", "critic_values", "ppo_step", "run_steps", "train_ppo"]
 
 
 @dataclass
@@ -62,7 +51,8 @@ class PPOConfig:
     batch_size: int = 16  # rollouts (prompts) per step
     mini_batch_size: int = 8  # rollouts per gradient step inside a PPO epoch
     ppo_epochs: int = 4  # passes over each rollout batch
-    learning_rate: float = 1e-5  # AdamW, actor and critic
+    learning_rate: float = 1e-5  # AdamW, the actor
+    critic_learning_rate: float | None = None  # AdamW, the critic (None: learning_rate; OpenRLHF's name)
     init_kl_coef: float = 0.2  # beta of the per-token KL penalty
     adap_kl_ctrl: bool = False  # adapt beta toward target_kl (Ziegler et al. 2019)
     target_kl: float = 6.0  # target sequence KL (nats) for the adaptive controller
@@ -86,91 +76,6 @@ class PPOConfig:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
 
 
-# ---------------------------------------------------------------------------
-# Rollouts (shared with GRPO)
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """One batch of sampled responses. P = prompt columns (left-padded), N = response columns."""
-
-    ids: torch.Tensor  # [B, P + N] prompt then response tokens
-    attention_mask: torch.Tensor  # [B, P + N] 1 = real (left padding and after-EOS filler are 0)
-    response_mask: torch.Tensor  # [B, N] real response tokens, the stop token included
-    prompt_len: int  # P
-
-    @property
-    def responses(self) -> torch.Tensor:  # [B, N]
-        return self.ids[:, self.prompt_len:]
-
-    def index(self, rows) -> "Rollout":
-        return Rollout(self.ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [B, P], mask [B, P]) left-padded, so every row's next token is column P."""
-    P = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (P - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
-def response_mask_from(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """[B, N] -> [B, N] 1 up to and including the first stop token (all N if none: truncated)."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
-    # stops strictly before column t: cumsum shifted right by one
-    before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
-    return (before == 0).long()
-
-
-@torch.no_grad()
-def sample_rollout(actor: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                   pad_id: int, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> Rollout:
-    """Sample one response per prompt with the KV-cache generator."""
-    device = next(actor.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)  # [B, P]
-    was_training = actor.training
-    actor.eval()
-    out = generate(actor, ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=stop_ids,
-                   attention_mask=mask, seed=seed)  # [B, P + N]
-    actor.train(was_training)
-    resp_mask = response_mask_from(out[:, ids.shape[1]:], stop_ids)  # [B, N]
-    return Rollout(out, torch.cat([mask, resp_mask], dim=1), resp_mask, ids.shape[1])
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only, as the generator used them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model: nn.Module, roll: Rollout, with_entropy: bool = False):
-    """log pi(a_t | s_t) of every response token: -> logp [B, N] (and entropy [B, N]).
-
-    The logits at column P-1+t predict response token t, hence the slice [P-1 : -1].
-    """
-    logits = model(roll.ids, attention_mask=roll.attention_mask, position_ids=_positions(roll.attention_mask))
-    logits = logits[:, roll.prompt_len - 1:-1]  # [B, N, V]
-    logp = logprobs_from_logits(logits, roll.responses)
-    if with_entropy:
-        return logp, entropy_from_logits(logits)
-    return logp
-
-
-@torch.no_grad()
-def reference_logprobs(reference: nn.Module | None, actor: nn.Module, roll: Rollout) -> torch.Tensor:
-    """log pi_ref of the response tokens.  reference=None: the actor with its LoRA adapters off
-    (the same frozen base weights the actor started from), so no second copy of the model."""
-    if reference is not None:
-        return response_logprobs(reference, roll)
-    from ..peft import lora  # disable_lora lives with the LoRA code
-
-    if not hasattr(lora, "disable_lora"):
-        raise RuntimeError("reference=None needs minitune.peft.lora.disable_lora (a LoRA actor); pass a reference model")
-    with lora.disable_lora(actor):
-        return response_logprobs(actor, roll)
-
-
 def critic_values(critic: nn.Module, roll: Rollout) -> torch.Tensor:
     """V(s_t) for each response token: the critic's value at the position *before* token t: [B, N].
 
@@ -179,28 +84,6 @@ def critic_values(critic: nn.Module, roll: Rollout) -> torch.Tensor:
     """
     values = critic.token_values(roll.ids, roll.attention_mask)  # [B, P + N]
     return values[:, roll.prompt_len - 1:-1]
-
-
-def text_reward(rule, tok, stop_ids: list[int]):
-    """Turn a text rule ``rule(prompt, response) -> float`` into the token reward ``score_responses`` takes."""
-    def reward(prompt_ids: list[int], response_ids: list[int]) -> float:
-        return float(rule(tok.decode(prompt_ids, skip_special_tokens=True),
-                          tok.decode([t for t in response_ids if t not in stop_ids], skip_special_tokens=True).strip()))
-    return reward
-
-
-@torch.no_grad()
-def score_responses(reward, roll: Rollout) -> torch.Tensor:
-    """Sequence scores [B]: a reward model (nn.Module, read at the last real token) or a rule
-    ``reward(prompt_ids, response_ids) -> float`` on the real tokens of each row."""
-    if isinstance(reward, nn.Module):
-        return reward(roll.ids, roll.attention_mask).float()
-    P, scores = roll.prompt_len, []
-    for ids, m in zip(roll.ids.tolist(), roll.attention_mask.tolist()):
-        prompt = [t for t, real in zip(ids[:P], m[:P]) if real]
-        response = [t for t, real in zip(ids[P:], m[P:]) if real]
-        scores.append(float(reward(prompt, response)))
-    return torch.tensor(scores, device=roll.ids.device)
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +188,7 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
         if isinstance(frozen, nn.Module):
             frozen.eval().requires_grad_(False)  # pi_ref and the RM never change
     opt_actor = make_optimizer(actor, cfg.learning_rate)
-    opt_critic = make_optimizer(critic, cfg.learning_rate)
+    opt_critic = make_optimizer(critic, cfg.critic_learning_rate or cfg.learning_rate)
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon) if cfg.adap_kl_ctrl
               else FixedKLController(cfg.init_kl_coef))
     g = torch.Generator().manual_seed(cfg.seed)
