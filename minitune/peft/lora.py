@@ -37,6 +37,41 @@ class AdapterError(ValueError):
     """An adapter folder that does not fit the model; the message names the file and the tensor."""
 
 
+class LoRAFunction(torch.autograd.Function):
+    """LoRALinear's forward without dropout, x [N, in] -> y [N, out], and its backward written out:
+
+        u = x A^T                    [N, r]
+        y = x W0^T + b + u (s B)^T   [N, out]
+        dB = s gy^T u    du = gy (s B)    dA = du^T x    dx = gy W0 + du A
+
+    Autograd, given the same forward, would make dx as two [N, in] matmul outputs (x feeds both W0
+    and A) and add them, and multiply the [N, r] activation and its gradient by s. Here s is folded
+    into the small B, and the wide matmul with W0 accumulates into the thin one's output (addmm_,
+    beta = 1), so y and dx are each one tensor, with no separate add over them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, a, b, s):
+        sb = b * s  # [out, r]
+        u = x @ a.t()
+        y = F.linear(u, sb, bias).addmm_(x, w0.t())
+        ctx.save_for_backward(x, w0, a, sb, u)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w0, a, sb, u = ctx.saved_tensors
+        need_x, need_w0, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        du = gy @ sb  # [N, r]
+        dx = (du @ a).addmm_(gy, w0) if need_x else None
+        dw0 = gy.t() @ x if need_w0 else None  # only if the caller unfroze the base layer
+        dbias = gy.sum(0) if need_bias else None
+        da = du.t() @ x if need_a else None
+        db = (gy.t() @ u).mul_(ctx.s) if need_b else None
+        return dx, dw0, dbias, da, db, None
+
+
 class LoRALinear(nn.Module):
     """nn.Linear plus a trainable low-rank path: y = base_layer(x) + s * B(A(dropout(x)))."""
 
@@ -63,17 +98,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x [..., in] -> [..., out]
         # BEGIN EXERCISE 06.1: LoRA forward
-        w0, bias = self.base_layer.weight, self.base_layer.bias
+        w0, bias, a, b = self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight
         if self.merged:
             return F.linear(x, w0, bias)
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        h = F.dropout(x2, self.dropout, training=True) if self.dropout and self.training else x2
-        # scale the thin [N, r] activation rather than the wide [N, out] one
-        h = F.linear(h, self.lora_A.weight) * self.scaling  # [N, r]
-        y = F.linear(h, self.lora_B.weight, bias)  # [N, out]: the low-rank path, plus the base bias
-        # += x W0^T, accumulated by the matmul itself (beta = 1) instead of a separate add over [N, out];
-        # in place is safe for autograd: the matmul that made y does not need y for its backward
-        y.addmm_(x2, w0.t())
+        if (self.dropout and self.training) or torch.is_autocast_enabled(x.device.type):
+            # dropout feeds A another input than W0; autocast casts each matmul's inputs: plain autograd
+            h = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+            # scale the thin [..., r] activation rather than the wide [..., out] output
+            return F.linear(x, w0, bias) + F.linear(F.linear(h, a) * self.scaling, b)
+        # the same numbers, with LoRAFunction's hand-written backward: fewer passes over wide tensors
+        y = LoRAFunction.apply(x.reshape(-1, x.shape[-1]), w0, bias, a, b, self.scaling)
         return y.view(*x.shape[:-1], y.shape[-1])
         # END EXERCISE
 

@@ -37,11 +37,11 @@ from tqdm import tqdm
 from . import distributed as dist
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .loss import IGNORE_INDEX, linear_cross_entropy
 from .optim import make_optimizer
 from .plot import plot_log
 from .schedule import make_scheduler
 
-IGNORE_INDEX = -100
 LOG_FILE, PLOT_FILE = "trainer_log.jsonl", "training_loss.png"
 
 
@@ -57,14 +57,22 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: logits at position t predict labels at t + 1; -100 is skipped.
 
     Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
+    A model with `hidden_states` and a plain bias-free `lm_head` (Transformer, prompt and prefix
+    tuning) gets the head and the loss fused chunk by chunk (loss.py: same numbers, no [B, T, V]
+    logits); anything else, e.g. a DDP wrapper, whose forward syncs the gradients, runs model(...).
     """
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
     # shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
     # step; the last position gets label -100 instead, since it has nothing to predict
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
     n = (labels != IGNORE_INDEX).sum()
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    head = getattr(model, "lm_head", None)
+    if hasattr(model, "hidden_states") and type(head) is torch.nn.Linear and head.bias is None:
+        h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, H]
+        total = linear_cross_entropy(h.flatten(0, 1), head.weight, labels.flatten())
+    else:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
     return total / n.clamp(min=1), n
 
 
