@@ -53,20 +53,21 @@ def count_targets(batch: dict) -> int:
     return len(next(iter(batch.values())))
 
 
-def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: logits at position t predict labels at t + 1; -100 is skipped.
 
     Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
     A model with `hidden_states` and a plain bias-free `lm_head` (Transformer, prompt and prefix
     tuning) gets the head and the loss fused chunk by chunk (loss.py: same numbers, no [B, T, V]
-    logits); anything else, e.g. a DDP wrapper, whose forward syncs the gradients, runs model(...).
+    logits); anything else, e.g. a DDP wrapper, whose forward syncs the gradients, runs model(...),
+    and so does `fused=False`.
     """
     # shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
     # step; the last position gets label -100 instead, since it has nothing to predict
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
     n = (labels != IGNORE_INDEX).sum()
     head = getattr(model, "lm_head", None)
-    if hasattr(model, "hidden_states") and type(head) is torch.nn.Linear and head.bias is None:
+    if fused and hasattr(model, "hidden_states") and type(head) is torch.nn.Linear and head.bias is None:
         h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, H]
         total = linear_cross_entropy(h.flatten(0, 1), head.weight, labels.flatten())
     else:
