@@ -29,11 +29,11 @@ from minitune.peft.lora import lora_layers  # noqa: E402
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
 QV, ALL = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 16, 32
+RANK, ALPHA = S.LORA["rank"], S.LORA["alpha"]  # with lr and epochs in tiny_sft.py: lesson 09 repeats this run
 
 
 def main():
-    args = S.parse_args("Lesson 06: LoRA", lr=3e-3)
+    args = S.parse_args("Lesson 06: LoRA", lr=S.LORA["lr"], epochs=S.LORA["epochs"])
     model, tok = S.load_model(args)
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
 
@@ -71,14 +71,20 @@ def main():
     S.section("3. the baseline: full fine-tuning (全参数微调), lesson 05's run")
     data, rows = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(rows)} held-out questions")
+    fresh, _ = S.load_model(args)
+    end = S.end_of_turn_loss(fresh, tok, data)
+    if end is not None:
+        print(f"the base model where a reply should end: -log P({S.END_OF_TURN}) = {end[0]:.2f}, the top token "
+              f"at {end[1]:.0%} of those positions\n(pretraining never saw the chat template's tokens; full "
+              "fine-tuning trains their embedding rows, LoRA leaves them as they are)")
     full = S.full_baseline(args, data, rows, tok)
 
-    S.section(f"4. LoRA fine-tuning: r={RANK}, alpha={ALPHA}, every linear layer, lr {args.lr:g}")
+    S.section(f"4. LoRA fine-tuning: r={RANK}, alpha={ALPHA}, every linear layer, lr {args.lr:g}, {args.epochs:g} epochs")
     model, _ = S.load_model(args)
     cfg = S.config(args, "lora", args.lr, str(S.ROOT / "runs" / "lesson-06"), lora_rank=RANK, lora_alpha=ALPHA,
                    lora_target="all")
     print(f"the same run on the command line: minitune train --finetuning_type lora --lora_rank {RANK} "
-          f"--lora_alpha {ALPHA} --lora_target all --learning_rate {args.lr:g} ...")
+          f"--lora_alpha {ALPHA} --lora_target all --learning_rate {args.lr:g} --num_train_epochs {args.epochs:g} ...")
     lora = S.sft(model, tok, data, rows, cfg)
     print()
     S.print_runs({"full FT": full, f"LoRA r={RANK}": lora})

@@ -1,13 +1,15 @@
-"""The measuring stick of lessons 06-08: lesson 05's SFT data, settings and exact-match evaluation.
+"""The measuring stick of lessons 06-09: lesson 05's SFT data, settings and exact-match evaluation.
 
 Every parameter-efficient method is trained here exactly as lesson 05 trains the whole model (same
 data file, split, batch size, schedule, cutoff, seed) and scored with the same
-`minitune.tiny.evaluate.evaluate_tasks` on the same held-out questions; only the finetuning_type
-and the learning rate change. Full fine-tuning (lesson 05's run) is the baseline; because every
-lesson needs it, its measured result is kept in runs/lessons-06-08/ and reused while the model, the
-data and the settings are the same (`--remeasure` runs it again).
+`minitune.tiny.evaluate.evaluate_tasks` on the same held-out questions; only the finetuning_type,
+the learning rate and the number of epochs (PEFT_EPOCHS) change. Full fine-tuning (lesson 05's run,
+lesson 05's epochs) is the baseline; because every lesson needs it, its measured result is kept in
+runs/lessons-06-08/ and reused while the model, the data and the settings are the same
+(`--remeasure` runs it again).
 
-Lessons 07 and 08 import this file from here (`sys.path`), so all three measure the same way.
+Lessons 07 and 08 import this file from here (`sys.path`), so all three measure the same way; lesson
+09 takes LESSON_05 and LORA from it, to repeat lesson 06's LoRA run on a 4-bit base.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LESSON_05 = dict(stage="sft", template="chatml", cutoff_len=96, val_size=0.05, per_device_train_batch_size=8,
                  gradient_accumulation_steps=1, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, seed=0)
 FULL_LR, EPOCHS, FAST_STEPS = 1e-3, 10.0, 3
+# the parameter-efficient runs train 3x lesson 05's epochs: they move few numbers, from a start that does nothing
+PEFT_EPOCHS = 30.0
+# lesson 06's LoRA; lesson 09 imports it and repeats the run on a 4-bit base
+LORA = dict(rank=16, alpha=32, lr=2e-3, epochs=PEFT_EPOCHS)
+CACHE_VERSION = "3"  # what a kept baseline holds (3: with end_loss and contains)
 TASKS = ("arithmetic", "reversal", "capital", "colour", "sound", "identity")
 
 
@@ -49,6 +56,9 @@ def parse_args(description: str, lr: float | None, extra=None, epochs: float = E
     p.add_argument("--lr", type=float, default=lr,
                    help=f"learning rate of the method (default: {lr if lr is not None else 'per method'})")
     p.add_argument("--remeasure", action="store_true", help="train the full fine-tuning baseline again")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for models under 50M parameters, whose small matrices gain "
+                        "nothing from a second thread, as lesson 05; else torch's default)")
     if extra:
         extra(p)
     args = p.parse_args()
@@ -61,8 +71,12 @@ def parse_args(description: str, lr: float | None, extra=None, epochs: float = E
 
 
 def load_model(args):
-    """fp32 weights (AdamW needs them; --dtype bfloat16 autocasts the matmuls), as lesson 05."""
-    return minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    """fp32 weights (AdamW needs them; --dtype bfloat16 autocasts the matmuls), as lesson 05; on CPU,
+    1 thread for a small model (lesson 05's rule)."""
+    model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)
+    return model, tok
 
 
 def tiny_world(args, tok):
@@ -86,10 +100,13 @@ def config(args, finetuning_type: str, lr: float, out: str, epochs: float | None
 def sft(model, tok, data, rows, cfg: TrainConfig, after_step=None) -> dict:
     """Add cfg.finetuning_type's parameters (as `minitune train` does), train, evaluate.
 
-    Returns {"model", "trainable", "base_params", "steps", "seconds", "loss", "eval"}; after_step(model,
-    step) runs after the method's own hook (lesson 07 records the ranks with it).
+    Returns {"model", "trainable", "base_params", "steps", "seconds", "loss", "eval_loss", "end_loss", "eval",
+    "replies"}; after_step(model, step) runs after the method's own hook (lesson 07 records the ranks with it).
+    The new parameters are drawn right after torch.manual_seed(cfg.seed), so a run does not depend on what the
+    lesson drew before it.
     """
     base_params = count_parameters(model)[1]
+    torch.manual_seed(cfg.seed)
     model = apply_finetuning_type(model, cfg, tok)
     trainable = count_parameters(model)[0]
     hooks = training_hooks(model, cfg, len(data.train))
@@ -102,8 +119,28 @@ def sft(model, tok, data, rows, cfg: TrainConfig, after_step=None) -> dict:
     evaluation = evaluate_tasks(model, tok, rows, cfg.template)
     return dict(model=model, trainable=trainable, base_params=base_params, steps=result.global_step,
                 seconds=result.runtime_s, loss=(losses[0], losses[-1]), eval_loss=list(result.eval_losses.values())[-1],
-                metrics=result.metrics, eval={k: evaluation[k] for k in ("accuracy", "overall", "n")},
-                replies=evaluation["replies"])
+                end_loss=end_of_turn_loss(model, tok, data), metrics=result.metrics,
+                eval={k: evaluation[k] for k in ("accuracy", "contains", "overall", "n")}, replies=evaluation["replies"])
+
+
+END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn, what the SFT data teaches a reply to end with
+
+
+@torch.no_grad()
+def end_of_turn_loss(model, tok, data) -> tuple[float, float] | None:
+    """How well the model ends a reply, over the held-out SFT examples (data.val): at the positions whose
+    target is <|im_end|>, (-log P(<|im_end|>), the share of them where <|im_end|> is the most likely token,
+    i.e. where greedy decoding stops). None: the tokenizer has no <|im_end|>."""
+    end = tok.token_to_id(END_OF_TURN)
+    if end is None:
+        return None
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in PaddingCollator(tok)(data.val).items()}
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]  # position t predicts t + 1
+    at = batch["labels"][:, 1:] == end
+    logp = torch.log_softmax(logits[at].float(), dim=-1)  # [positions, vocab]
+    return -logp[:, end].mean().item(), (logp.argmax(-1) == end).float().mean().item()
 
 
 def _fingerprint(args, cfg: TrainConfig) -> str:
@@ -114,6 +151,7 @@ def _fingerprint(args, cfg: TrainConfig) -> str:
     settings = {k: getattr(cfg, k) for k in ("learning_rate", "num_train_epochs", "max_steps", "bf16", "device",
                                              *LESSON_05)}
     h.update(json.dumps(settings, sort_keys=True).encode() + torch.__version__.encode())
+    h.update(CACHE_VERSION.encode())
     return h.hexdigest()[:16]
 
 
@@ -123,6 +161,9 @@ def full_baseline(args, data, rows, tok) -> dict | None:
     if args.fast:
         print("--fast: no full fine-tuning baseline (a few steps of it would compare nothing)")
         return None
+    if args.epochs != EPOCHS:
+        print(f"(the parameter-efficient runs here train {args.epochs:g} epochs; full fine-tuning, the baseline, "
+              f"lesson 05's {EPOCHS:g})")
     cfg = config(args, "full", FULL_LR, str(ROOT / "runs" / "lessons-06-08" / "full"), epochs=EPOCHS)  # lesson 05's
     cache = ROOT / "runs" / "lessons-06-08" / f"full-ft-{_fingerprint(args, cfg)}.json"
     if cache.exists() and not args.remeasure:
@@ -151,8 +192,11 @@ def print_runs(runs: dict[str, dict | None]):
         if task in first["accuracy"]:
             print(f"{task:30}{first['n'][task]:>5}"
                   + "".join(f"{runs[n]['eval']['accuracy'][task]:>{width + 2}.0%}" for n in names))
-    print(f"{'all held-out questions':30}{sum(first['n'].values()):>5}"
+    total = sum(first["n"].values())
+    print(f"{'all held-out questions':30}{total:>5}"
           + "".join(f"{runs[n]['eval']['overall']:>{width + 2}.1%}" for n in names))
+    anywhere = {n: sum(runs[n]["eval"]["contains"][t] * first["n"][t] for t in first["n"]) / total for n in names}
+    print(f"{'  answer anywhere in the reply':35}" + "".join(f"{anywhere[n]:>{width + 2}.1%}" for n in names))
     print(f"{'trainable parameters':35}" + "".join(f"{runs[n]['trainable']:>{width + 2},}" for n in names))
     print(f"{'  % of the base model':35}"
           + "".join(f"{100 * runs[n]['trainable'] / runs[n]['base_params']:>{width + 1}.2f}%" for n in names))
@@ -161,6 +205,12 @@ def print_runs(runs: dict[str, dict | None]):
     print(f"{'training loss first -> last':35}"
           + "".join(f"{format(runs[n]['loss'][0], '.2f') + '->' + format(runs[n]['loss'][1], '.2f'):>{width + 2}}"
                     for n in names))
+    print(f"{'held-out SFT loss after training':35}" + "".join(f"{runs[n]['eval_loss']:>{width + 2}.2f}" for n in names))
+    ends = {n: runs[n]["end_loss"] for n in names}  # (-log P(<|im_end|>), share where it is the top token)
+    print(f"{'end of reply: -log P(' + END_OF_TURN + ')':35}"
+          + "".join(f"{'-' if ends[n] is None else format(ends[n][0], '.2f'):>{width + 2}}" for n in names))
+    print(f"{'  ' + END_OF_TURN + ' is the top token':35}"
+          + "".join(f"{'-' if ends[n] is None else format(ends[n][1], '.0%'):>{width + 2}}" for n in names))
 
 
 def verdict(name: str, run: dict, full: dict | None, tolerance: float = 0.02):
