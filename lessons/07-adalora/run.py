@@ -38,7 +38,7 @@ def adalora_parameters(cfg, r: int, targets=MODULES) -> int:
 
 
 def main():
-    args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2)
+    args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2, epochs=S.PEFT_EPOCHS)
     model, tok = S.load_model(args)
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
 
@@ -95,7 +95,8 @@ def main():
     cfg = S.config(args, "adalora", args.lr, str(S.ROOT / "runs" / "lesson-07"), adalora_init_r=INIT_R,
                    adalora_target_r=TARGET_R, adalora_tinit=tinit, adalora_tfinal=tfinal, lora_target="all")
     print(f"minitune train --finetuning_type adalora --adalora_init_r {INIT_R} --adalora_target_r {TARGET_R} "
-          f"--adalora_tinit {tinit} --adalora_tfinal {tfinal} --lora_target all --learning_rate {args.lr:g} ...")
+          f"--adalora_tinit {tinit} --adalora_tfinal {tfinal} --lora_target all --learning_rate {args.lr:g} "
+          f"--num_train_epochs {args.epochs:g} ...")
     kept, nonzero = {}, {}
 
     def record(m, step):  # after the trainer's AdaLoRA hook (update_and_allocate) at every step
