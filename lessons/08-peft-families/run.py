@@ -28,13 +28,14 @@ from minitune.tiny.evaluate import ask  # noqa: E402
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
 N, BOTTLENECK = 20, 16  # virtual tokens; adapter width
-EPOCHS_08 = S.EPOCHS  # lesson 05's; lower it (--epochs) on a slow machine: four runs follow
-# name -> (finetuning_type, its settings for `minitune train`, learning rate); soft prompts want larger steps
-METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mode="serial"), 3e-3),
-           "prefix": ("prefix", dict(num_virtual_tokens=N), 1e-2),
-           "prompt": ("prompt", dict(num_virtual_tokens=N), 3e-2),
+EPOCHS_08 = S.PEFT_EPOCHS  # as lessons 06 and 07; lower it (--epochs) on a slow machine: four runs follow
+# name -> (finetuning_type, its settings for `minitune train`, learning rate): each rate is the one with the lowest
+# held-out loss in a short sweep on weights/tiny (README); soft prompts want far larger steps than weights do
+METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mode="serial"), 1e-2),
+           "prefix": ("prefix", dict(num_virtual_tokens=N), 1e-1),
+           "prompt": ("prompt", dict(num_virtual_tokens=N), 3e-1),
            "P-tuning": ("ptuning", dict(num_virtual_tokens=N, encoder_reparameterization_type="MLP",
-                                        encoder_hidden_size=64), 3e-3)}
+                                        encoder_hidden_size=64), 1e-2)}
 
 
 def extra_flags(p):
@@ -42,7 +43,7 @@ def extra_flags(p):
 
 
 def main():
-    # four runs, each with lesson 05's epochs by default (EPOCHS_08); --epochs trades accuracy for time
+    # four runs, each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
     args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags,
                         epochs=EPOCHS_08)
     model, tok = S.load_model(args)
@@ -96,15 +97,14 @@ def main():
     S.section("3. each method on lesson 05's SFT run, beside full fine-tuning")
     data, questions = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(questions)} held-out questions")
-    if args.epochs != S.EPOCHS:
-        print(f"each method trains {args.epochs:g} epochs here, full fine-tuning (the baseline) lesson 05's {S.EPOCHS:g}")
     full = S.full_baseline(args, data, questions, tok)
     runs = {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         ft, settings, lr = METHODS[name]
         lr = args.lr or lr
         flags = " ".join(f"--{k} {v}" for k, v in settings.items())
-        print(f"\n--- {name}: minitune train --finetuning_type {ft} {flags} --learning_rate {lr:g} ...")
+        print(f"\n--- {name}: minitune train --finetuning_type {ft} {flags} --learning_rate {lr:g} "
+              f"--num_train_epochs {args.epochs:g} ...")
         model, _ = S.load_model(args)
         runs[name] = S.sft(model, tok, data, questions, S.config(args, ft, lr, str(S.ROOT / "runs" / f"lesson-08-{ft}"),
                                                                   **settings))
