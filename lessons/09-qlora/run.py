@@ -10,7 +10,8 @@ and LoRA trained on a 4-bit tiny model.
 3. double quantization: bits per parameter of a 4096 x 4096 layer, from nbytes;
 4. memory for 0.5B / 7B / 65B models in fp32 / bf16 / int8 / NF4 / NF4+DQ, and QLoRA training totals;
 5. the Triton dequant kernel run in Triton's interpreter (TRITON_INTERPRET=1), same bits as the reference;
-6. LoRA on the 16-bit tiny model vs QLoRA on its 4-bit copy: same data, settings and seed; exact match;
+6. LoRA on the 16-bit tiny model (lesson 06's run) vs QLoRA on its 4-bit copy: same data, settings and seed;
+   exact match;
 7. merge and dequantize: a plain checkpoint with the same logits.
 """
 import argparse
@@ -36,6 +37,9 @@ from minitune.quant.nf4 import SUPPORTED_BLOCKSIZES
 from minitune.tiny.evaluate import evaluate_tasks
 from minitune.train import TrainConfig, causal_lm_loss, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "06-lora"))
+from tiny_sft import LESSON_05, LORA  # noqa: E402  (lesson 05's SFT settings, lesson 06's LoRA: the run repeated here)
+
 # Model shapes for the memory table (from their config.json files; LLaMA-1 for 7B / 65B, as in the QLoRA paper).
 MODELS = {
     "Qwen2.5-0.5B": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -57,9 +61,13 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: bf16 autocast for training (the 4-bit layers compute in what autocast gives)")
     p.add_argument("--fast", action="store_true", help="CI mode: a few steps and a few questions (< 60 s)")
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (the tiny model; ~2e-4 for 0.5B+)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2 r), on every linear layer")
+    p.add_argument("--epochs", type=float, default=LORA["epochs"], help=f"default {LORA['epochs']:g}, lesson 06's")
+    p.add_argument("--lr", type=float, default=LORA["lr"],
+                   help=f"LoRA learning rate (default {LORA['lr']:g}, lesson 06's, for the tiny model; ~2e-4 for 0.5B+)")
+    p.add_argument("--rank", type=int, default=LORA["rank"],
+                   help=f"LoRA rank r (alpha = 2 r), on every linear layer (default {LORA['rank']}, lesson 06's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for training (default: 1 for models under 50M parameters, as lesson 05)")
     p.add_argument("--out", default="runs/lesson-09", help="where the training logs go")
     return p.parse_args()
 
@@ -278,12 +286,12 @@ def lesson_triton():
 # --- 6. QLoRA on the tiny world ---------------------------------------------------------------------
 def finetune(model, tok, data, args, label: str):
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
-    cfg = TrainConfig(stage="sft", finetuning_type="qlora" if quantized else "lora", template=args.template, cutoff_len=96, val_size=0.05,
+    # lesson 05's split, batch 8, cosine schedule, warmup and seed, as lesson 06 trains LoRA (tiny_sft.py)
+    cfg = TrainConfig(**{**LESSON_05, "template": args.template}, finetuning_type="qlora" if quantized else "lora",
                       learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=3 if args.fast else None,
-                      per_device_train_batch_size=16, lr_scheduler_type="cosine", warmup_ratio=0.1,
-                      weight_decay=0.0, logging_steps=2 if args.fast else 10, save_steps=0,
-                      output_dir=f"{args.out}/{label}", bf16=args.dtype == "bfloat16", seed=0, device=args.device)
-    torch.manual_seed(0)
+                      logging_steps=2 if args.fast else 10, save_steps=0, output_dir=f"{args.out}/{label}",
+                      bf16=args.dtype == "bfloat16", device=args.device)
+    torch.manual_seed(cfg.seed)  # as tiny_sft.sft: the same A for LoRA and QLoRA, and lesson 06's
     apply_lora(model, r=args.rank, alpha=2 * args.rank, targets="all-linear")
     trainable, total = count_parameters(model)
     n4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
@@ -315,10 +323,13 @@ def lesson_qlora(args):
         print(f"{path} (or its data/) is not there yet: skipped. Build the tiny model first (lesson 04).")
         return None
     lora_model, tok = minitune.load_pretrained(path, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or lora_model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)  # small matrices gain nothing from a second thread
     qlora_model, _ = minitune.load_pretrained(path, device=args.device, dtype=torch.float32, quantize="nf4")
     print(f"linear weights: {human_bytes(weight_bytes(lora_model))} in fp32 -> {human_bytes(weight_bytes(qlora_model))}"
           f" in NF4+DQ; 4-bit layers: {sum(isinstance(m, Linear4bit) for m in qlora_model.modules())}")
-    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=96, val_size=0.05, seed=0)
+    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=LESSON_05["cutoff_len"],
+                       val_size=LESSON_05["val_size"], seed=LESSON_05["seed"])
     rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
     if args.fast:  # a few questions of each kind
         rows = rows[::len(rows) // 8][:8]
@@ -343,7 +354,7 @@ def lesson_qlora(args):
               + "".join(f"{r['accuracy'][t]:>20.0%}" for r in after.values()))
     print(f"  {'all':<22}{len(rows):>5}{base['overall']:>12.0%}" + "".join(f"{r['overall']:>20.0%}" for r in after.values()))
     lo, qlo = (r["overall"] for r in after.values())
-    print(f"  QLoRA - LoRA = {100 * (qlo - lo):+.1f} points (full fine-tuning: lessons/05-sft/run.py)")
+    print(f"  QLoRA - LoRA = {100 * (qlo - lo):+.1f} points (LoRA with these defaults is lessons/06-lora/run.py's run)")
     return qlora_model, tok, rows, after["QLoRA (NF4 base)"]
 
 
