@@ -11,7 +11,7 @@ import torch
 
 from minitune.model import ModelConfig, Transformer
 from minitune.rlhf import PPOConfig, RewardModel, ppo_step, response_logprobs, sample_rollout, train_ppo
-from minitune.rlhf.ppo import FixedKLController, logprobs_from_logits
+from minitune.rlhf.ppo import FixedKLController, entropy_from_logits, logprobs_from_logits
 from minitune.train import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,34 @@ def test_healthy_rollout_has_no_warnings():
     rec = ppo_step(actor, critic, reference, target_rate, make_optimizer(actor, 1e-4), make_optimizer(critic, 1e-4),
                    PROMPTS[:8], cfg, FixedKLController(0.1), [EOS], PAD)
     assert rec["warnings"] == [] and rec["response_length"] > 1.5
+
+
+def test_log_probs_are_those_of_the_sampling_temperature():
+    """With temperature T the rollout is drawn from softmax(logits / T): old, new and reference log-probs
+    (and the entropy) must be of that distribution, or the first PPO ratio is not 1 and the KL is off."""
+    actor, T = tiny(), 0.5
+    reference, critic = copy.deepcopy(actor), RewardModel(copy.deepcopy(actor), init_std=0.0)
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=6, temperature=T, warn=False)
+    roll = sample_rollout(actor, PROMPTS[:8], 6, [EOS], PAD, temperature=T, seed=cfg.seed * 100_003)  # ppo_step's draw
+    with torch.no_grad():
+        pos = (roll.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = actor(roll.ids, attention_mask=roll.attention_mask, position_ids=pos)[:, roll.prompt_len - 1:-1] / T
+        expected = torch.log_softmax(logits, -1).gather(-1, roll.responses.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(response_logprobs(actor, roll, temperature=T), expected, atol=1e-5)
+        entropy = entropy_from_logits(logits)
+    m = roll.response_mask.float()
+    rec = ppo_step(actor, critic, reference, target_rate, make_optimizer(actor, 1e-3), make_optimizer(critic, 1e-3),
+                   PROMPTS[:8], cfg, FixedKLController(0.1), [EOS], PAD)
+    assert rec["approx_kl"] < 1e-9 and rec["clip_frac"] == 0.0  # one update, before it: ratio 1 (to rounding)
+    assert abs(rec["kl"]) < 1e-5  # the reference is the same model at the same temperature
+    assert abs(rec["entropy"] - ((entropy * m).sum() / m.sum()).item()) < 1e-5
+
+
+def test_a_critic_head_can_start_at_zero():
+    critic = RewardModel(tiny(), init_std=0.0)
+    assert torch.count_nonzero(critic.token_values(torch.tensor([[2, 3, 4]]))) == 0
+    rm = RewardModel(tiny())  # a reward model: small random head, std 1/sqrt(H + 1)
+    assert abs(rm.value_head.weight.std().item() - (CFG.hidden_size + 1) ** -0.5) < 0.1
 
 
 def test_config_checks_minibatch_divides_batch():

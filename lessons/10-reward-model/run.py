@@ -1,6 +1,6 @@
 """Lesson 10: a reward model (奖励模型) trained on the tiny world's preference pairs (偏好对), measured.
 
-    python lessons/10-reward-model/run.py           # about a minute or two on 2 CPU cores
+    python lessons/10-reward-model/run.py           # about a minute on CPU (1 thread)
     python lessons/10-reward-model/run.py --fast    # CI: a few steps (< 60 s)
 
 1. Bradley-Terry: P(chosen > rejected) = sigmoid(r_c - r_r) and the pairwise loss, by hand and by pairwise_loss;
@@ -40,6 +40,8 @@ def parse_args():
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--out", default="runs/lesson-10", help="where the log, picture and saved RM go")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
+                   "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
     return p.parse_args()
 
 
@@ -98,6 +100,8 @@ def main():
     # --- 2. data ---------------------------------------------------------------------------------
     section("2. preference pairs (偏好对), and bad records counted")
     model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)
     records = [json.loads(x) for x in (data_dir / "preference.jsonl").read_text(encoding="utf-8").splitlines()]
     print(f"a record: {json.dumps(records[0])}")
     bad = [{"prompt": "What is 2+2?", "chosen": "4.", "rejected": "4."},
@@ -161,7 +165,7 @@ def main():
     rm2, _ = load_reward_model(saved, device=args.device)
     same = torch.allclose(score_pairs(rm2, feats, tok)["chosen"], torch.tensor(scores), atol=1e-4)
     print(f"saved to {saved} (model files + value_head.safetensors); reloaded scores equal: {same}")
-    print(f"\nlesson 10 finished in {time.perf_counter() - T0:.0f} s (wall)")
+    print(f"\nlesson 10 finished in {time.perf_counter() - T0:.0f} s (wall; torch has {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Lesson 11: PPO (近端策略优化) with four models. Read README.md beside this file; every number is measured.
 
-    python lessons/11-ppo/run.py                  # the tiny model on CPU, a few minutes
+    python lessons/11-ppo/run.py                  # the tiny model on CPU, about 4 minutes (1 thread)
     python lessons/11-ppo/run.py --fast           # CI: tiny sizes (< 60 s)
-    python lessons/11-ppo/run.py --sft PATH   # start from your own SFT checkpoint
+    python lessons/11-ppo/run.py --sft PATH       # start from your own SFT checkpoint
+    python lessons/11-ppo/run.py --seed 1         # another draw of prompts and samples
 
-0. a short SFT of weights/tiny (PPO starts from an instruction-following model), cached for lesson 13;
+0. the SFT of weights/tiny (PPO starts from an instruction-following model), cached for lessons 12 and 13;
 1. the four models and their memory: here, and for a 7B config from the memory estimator;
-2. the reward: the tiny world's preference rule standing in for the reward model;
+2. the reward: the tiny world's preference rule standing in for the reward model; where its signal is;
 3. GAE by hand on a 5-token example, beside compute_gae;
 4. a healthy run: the preferred behaviour before and after on held-out prompts, and the final KL;
 5. the per-token rewards of one response: -beta * KL on every token, the score at the last;
@@ -14,19 +15,20 @@
 """
 import copy
 import json
-import sys
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 import minitune
 from minitune.classroom.lesson import ROOT, finish, section, sft_start
-from minitune.memory import estimate_memory, human_bytes, lora_parameters
+from minitune.memory import estimate_memory, human_bytes, lora_parameters, parameter_counts
 from minitune.model import ModelConfig
-from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warnings, compute_gae, kl_penalty_rewards, reference_logprobs,
-                           response_logprobs, sample_rollout, text_reward, train_ppo)
+from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warnings, compute_gae, kl_penalty_rewards,
+                           reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward, train_ppo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
-from minitune.tiny.tasks import preference_score
+from minitune.tiny.tasks import contains_answer, preference_score, reference_answer
 
 
 def parse_args():
@@ -40,7 +42,10 @@ def parse_args():
     ap.add_argument("--dtype", default=None, help="float32 (default) or bfloat16: the dtype of the frozen "
                                                   "reference and reward models; actor and critic train in fp32")
     ap.add_argument("--fast", action="store_true", help="CI mode: a few steps, a few prompts (< 60 s)")
-    ap.add_argument("--out", default="runs/lesson-11", help="logs (and the SFT model) go here")
+    ap.add_argument("--out", default="runs/lesson-11", help="the PPO logs go here")
+    ap.add_argument("--seed", type=int, default=0, help="PPOConfig.seed of the healthy run (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
+                    "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
     args = ap.parse_args()
     torch.manual_seed(0)
     return args
@@ -49,6 +54,9 @@ def parse_args():
 args = parse_args()
 out = Path(args.out)
 FAST = args.fast
+n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
+if args.device == "cpu" and (args.threads or n_params < 50e6):
+    torch.set_num_threads(args.threads or 1)
 
 
 # --------------------------------------------------------------------------- 0
@@ -60,14 +68,13 @@ PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
 data_dir = Path(args.model) / "data"
 train_questions = [json.loads(x)["instruction"] for x in (data_dir / "sft_alpaca.jsonl").read_text().splitlines()]
 eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines()]
-heldout = [r["prompt"] for r in eval_rows][:: 16 if FAST else 3]  # a spread of every task
 train_prompts = [prompt_ids(tok, q) for q in train_questions]
 ref_dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
 
 # --------------------------------------------------------------------------- 1
 section("1. The four models (四个模型) and their memory")
 actor = copy.deepcopy(sft)  # pi: trained
-critic = RewardModel(copy.deepcopy(sft))  # V: trained; a value head on a copy of the SFT model
+critic = RewardModel(copy.deepcopy(sft), init_std=0.0)  # V: trained; a zero value head on a copy of the SFT model
 reference = copy.deepcopy(sft).to(ref_dtype).requires_grad_(False)  # pi_ref: frozen SFT model
 reward = text_reward(preference_score, tok, STOPS)  # RM: the tiny world's rule stands in (see README)
 for name, m, role in (("actor", actor, "trained: the policy pi"), ("critic", critic, "trained: values V(s_t)"),
@@ -104,15 +111,44 @@ print(f"  -> LoRA needs {totals[rows[1][0]] / totals[rows[0][0]]:.0%} of the fou
       f"{human_bytes(trained)} (lora estimate for the actor: {human_bytes(lora.total - lora.activations)})")
 
 # --------------------------------------------------------------------------- 2
-section("2. The reward (奖励): a rule standing in for the reward model")
+section("2. The reward (奖励): a rule standing in for the reward model, and where its signal is")
 for q, a in (("What is 3+4?", "7"), ("What is 3+4?", "7."), ("What is 3+4?", "The answer is 8."),
              ("What is 3+4?", "Whatever. It is 7"), ("What is 3+4?", "")):
     print(f"  preference_score({q!r}, {a!r:22}) = {preference_score(q, a):+.0f}")
-shown = heldout[:: max(1, len(heldout) // 6)][:6]
-replies = ask(sft, tok, shown)
-print("the SFT model's greedy replies to held-out prompts, scored:")
-for q, r in zip(shown, replies):
-    print(f"  {q!r:44} -> {r!r:34} score {preference_score(q, r):+.0f}")
+TASKS = {"arithmetic": "sums", "reversal": "word reversal", "fact": "capitals, colours", "identity": "identity (no answer)"}
+
+
+def task_of(question):
+    answer = reference_answer(question)
+    return ("identity" if answer is None else "arithmetic" if answer.isdigit()
+            else "reversal" if re.search(r"words", question) else "fact")
+
+
+# Two samples of every training question at temperature 1, as PPO's rollouts are drawn: a question
+# whose samples score differently carries a signal; one whose samples always score the same has none.
+questions = train_questions[::8] if FAST else train_questions
+roll = sample_rollout(sft, [prompt_ids(tok, q) for q in questions for _ in range(2)], 16, STOPS, PAD, seed=5)
+scores = score_responses(reward, roll).view(-1, 2)
+texts = [tok.decode([t for t, m in zip(r, k) if m and t not in STOPS], skip_special_tokens=True).strip()
+         for r, k in zip(roll.responses.tolist(), roll.response_mask.tolist())]
+by_task = defaultdict(list)
+for i, q in enumerate(questions):
+    by_task[task_of(q)].append((scores[i].mean().item(), float(scores[i, 0] != scores[i, 1]),
+                                float(texts[2 * i].endswith((".", "。")))))
+print(f"\nthe SFT model's sampled replies to the {len(questions)} training questions, 2 each, by task:")
+print(f"  {'task':24} {'questions':>9} {'mean score':>10} {'the 2 samples differ':>21} {'ends with a full stop':>22}")
+for task, name in TASKS.items():
+    rows = by_task[task]
+    print(f"  {name:24} {len(rows):>9} {sum(r[0] for r in rows) / len(rows):>10.2f} "
+          f"{sum(r[1] for r in rows) / len(rows):>21.0%} {sum(r[2] for r in rows) / len(rows):>22.0%}")
+shown = [r["prompt"] for r in eval_rows if r["task"] in ("arithmetic", "reversal")][::12][:4]
+dot = tok.encode(".")[0]
+print("the SFT model's greedy replies to held-out prompts, and its probability of a full stop right after them:")
+with torch.no_grad():
+    for q, r in zip(shown, ask(sft, tok, shown)):
+        ids = prompt_ids(tok, q) + tok.encode(r)
+        p_dot = torch.softmax(sft(torch.tensor([ids]))[0, -1].float(), -1)[dot].item()
+        print(f"  {q!r:52} -> {r!r:16} score {preference_score(q, r):+.0f}, P('.' next) = {p_dot:.1e}")
 
 # --------------------------------------------------------------------------- 3
 section("3. GAE by hand (GAE 手算) on a 5-token example")
@@ -144,45 +180,88 @@ print(f"by hand == compute_gae: {torch.allclose(adv[0], torch.tensor(by_hand))}"
 
 
 # --------------------------------------------------------------------------- 4
-def behaviour(model, questions):
-    """(rate of replies ending with a full stop, mean preference score, replies) on greedy replies."""
-    reps = ask(model, tok, questions)
+# PPO's rollouts go where section 2 found a signal: the training sums. Measured on prompts never trained on:
+# every sum asked in eval.jsonl's two held-out phrasings, for the training sums (new wording, known facts)
+# and for eval.jsonl's held-out sums (new wording, number pairs SFT and PPO never asked about).
+NEW_WORDING = ("How much is {a} plus {b}?", "Tell me the sum of {a} and {b}.")
+train_sums = [prompt_ids(tok, q) for q in train_questions if task_of(q) == "arithmetic"]
+train_pairs = [tuple(map(int, re.findall(r"\d+", q))) for q in train_questions if task_of(q) == "arithmetic"]
+held_pairs = [tuple(map(int, re.findall(r"\d+", r["prompt"]))) for r in eval_rows if r["task"] == "arithmetic"]
+known = [w.format(a=a, b=b) for a, b in train_pairs[:: 8 if FAST else 1] for w in NEW_WORDING]
+heldout = [w.format(a=a, b=b) for a, b in held_pairs[:: 3 if FAST else 1] for w in NEW_WORDING]
+SETS = {"training sums, held-out wording": known, "held-out sums, held-out wording": heldout}
+others = [r for r in eval_rows if r["task"] != "arithmetic" and reference_answer(r["prompt"]) is not None]
+others = others[:: 8 if FAST else 1]
+
+
+def behaviour(model, questions, n_samples=4):
+    """Greedy replies: (correct rate, full-stop rate, mean preference score, replies); plus the correct rate of
+    n_samples sampled replies per question at temperature 1 (the policy PPO trains)."""
+    reps = ask(model, tok, questions, max_new_tokens=8)
+    correct = sum(contains_answer(x, reference_answer(q)) for q, x in zip(questions, reps)) / len(reps)
     stop = sum(x.rstrip().endswith((".", "。")) for x in reps) / len(reps)
-    return stop, sum(preference_score(q, x) for q, x in zip(questions, reps)) / len(reps), reps
+    score = sum(preference_score(q, x) for q, x in zip(questions, reps)) / len(reps)
+    roll = sample_rollout(model, [prompt_ids(tok, q) for q in questions for _ in range(n_samples)], 8, STOPS, PAD,
+                          seed=2)
+    sampled = (score_responses(reward, roll) >= 2).float().mean().item()  # +2 = the right answer
+    return correct, stop, score, sampled, reps
+
+
+def other_tasks_correct(model):
+    reps = ask(model, tok, [r["prompt"] for r in others])
+    return sum(contains_answer(x, r["answer"]) for r, x in zip(others, reps)) / len(others)
 
 
 @torch.no_grad()
-def heldout_kl(model, questions, n_samples=2):
+def heldout_kl(model, questions, n_samples=4, max_new_tokens=8):
     """Sequence KL(pi || pi_ref) on held-out prompts: mean of sum_t (log pi - log pi_ref) over sampled replies."""
     rows = [prompt_ids(tok, q) for q in questions for _ in range(n_samples)]
-    roll = sample_rollout(model, rows, 24, STOPS, PAD, seed=1)
+    roll = sample_rollout(model, rows, max_new_tokens, STOPS, PAD, seed=1)
     lp, rp = response_logprobs(model, roll), reference_logprobs(reference, model, roll)
     return ((lp - rp) * roll.response_mask).sum(1).mean().item()
 
 
 section("4. A healthy run (健康的训练): the preferred behaviour rises, the KL stays bounded")
-ppo_cfg = PPOConfig(steps=2 if FAST else 20, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=2,
-                    learning_rate=3e-4, init_kl_coef=0.05, max_new_tokens=8 if FAST else 16,
-                    log_path=str(out / "ppo_healthy.jsonl"))
+ppo_cfg = PPOConfig(steps=2 if FAST else 40, batch_size=16 if FAST else 64, mini_batch_size=8 if FAST else 32,
+                    ppo_epochs=2, learning_rate=1e-4, critic_learning_rate=1e-3, init_kl_coef=0.05, max_new_tokens=8,
+                    seed=args.seed, log_path=str(out / "ppo_healthy.jsonl"))
 print("PPOConfig: " + ", ".join(f"{k}={getattr(ppo_cfg, k)}" for k in (
-    "steps", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "init_kl_coef", "gamma", "lam",
-    "cliprange", "cliprange_value", "vf_coef", "max_new_tokens")))
-stop0, score0, reps0 = behaviour(sft, heldout)
-records = train_ppo(actor, critic, reference, reward, train_prompts, ppo_cfg, STOPS, PAD)
-stop1, score1, reps1 = behaviour(actor, heldout)
+    "steps", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "critic_learning_rate", "init_kl_coef",
+    "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "max_new_tokens", "seed")))
+print(f"rollouts: the {len(train_sums)} training sums; measured on " + ", ".join(
+    f"{name} ({len(qs)} questions)" for name, qs in SETS.items()) + f", {len(others)} held-out questions of the other tasks")
+before = {name: behaviour(sft, qs) for name, qs in SETS.items()}
+others0 = other_tasks_correct(sft)
+records = train_ppo(actor, critic, reference, reward, train_sums, ppo_cfg, STOPS, PAD)
+after = {name: behaviour(actor, qs) for name, qs in SETS.items()}
+others1 = other_tasks_correct(actor)
 kl_final = heldout_kl(actor, heldout)
-print(f"\n{'step':>4} {'reward':>7} {'KL':>6} {'clip':>5} {'entropy':>7} {'length':>6} {'repeat':>6}")
+print(f"\n{'step':>4} {'reward':>7} {'KL':>6} {'clip':>5} {'entropy':>7} {'value loss':>10} {'length':>6} {'repeat':>6}")
 for rec in [records[i] for i in sorted({*range(0, len(records), max(1, len(records) // 8)), len(records) - 1})]:
     print(f"{rec['step']:>4} {rec['reward']:7.3f} {rec['kl']:6.3f} {rec['clip_frac']:5.2f} {rec['entropy']:7.3f} "
-          f"{rec['response_length']:6.1f} {rec['repetition_rate']:6.2f}")
-print(f"\nheld-out prompts ({len(heldout)}), greedy replies:   before (SFT)   after (PPO)")
-print(f"  replies ending with a full stop          {stop0:>10.0%}   {stop1:>10.0%}")
-print(f"  mean preference score                    {score0:>10.2f}   {score1:>10.2f}")
-print(f"  KL(pi || pi_ref), sampled, nats/reply    {0.0:>10.2f}   {kl_final:>10.2f}")
+          f"{rec['value_loss']:10.3f} {rec['response_length']:6.1f} {rec['repetition_rate']:6.2f}")
+quarter = max(1, len(records) // 4)
+first, last = (sum(r["reward"] for r in part) / len(part) for part in (records[:quarter], records[-quarter:]))
+print(f"mean rollout reward of the first {quarter} steps {first:.3f}, of the last {quarter} steps {last:.3f}")
+print(f"\n{'':49}before (SFT)   after (PPO)")
+for name, qs in SETS.items():
+    (c0, s0, p0, q0, _), (c1, s1, p1, q1, _) = before[name], after[name]
+    print(f"{name} ({len(qs)} questions)")
+    print(f"  greedy replies with the right answer           {c0:>10.0%}   {c1:>10.0%}")
+    print(f"  sampled replies with the right answer (4 each) {q0:>10.0%}   {q1:>10.0%}")
+    print(f"  greedy replies ending with a full stop         {s0:>10.0%}   {s1:>10.0%}")
+    print(f"  mean preference score, greedy                  {p0:>10.2f}   {p1:>10.2f}")
+print(f"KL(pi || pi_ref) on held-out sums, sampled, nats per reply {0.0:.2f} -> {kl_final:.2f}")
+print(f"other held-out tasks ({len(others)} questions), right answer {others0:.0%} -> {others1:.0%}")
+reps0, reps1 = before[name][-1], after[name][-1]  # the held-out sums
 print(f"warnings during the run: {sum(len(r['warnings']) for r in records)}; log: {ppo_cfg.log_path}")
-print("examples (before -> after):")
-for q, b, a in list(zip(heldout, reps0, reps1))[:: max(1, len(heldout) // 6)][:6]:
-    print(f"  {q!r:44} {b!r:30} -> {a!r}")
+changed = [(q, b, a) for q, b, a in zip(heldout, reps0, reps1) if b != a]
+right = [contains_answer(a, reference_answer(q)) for q, _, a in changed]
+wrong = [contains_answer(b, reference_answer(q)) for q, b, _ in changed]
+print(f"{len(changed)} of {len(heldout)} greedy replies changed: {sum(right)} became right, {sum(wrong)} became wrong, "
+      f"{len(changed) - sum(right) - sum(wrong)} stayed wrong; the first six (before -> after):")
+for q, b, a in changed[:6]:
+    print(f"  {q!r:40} {b!r:8} -> {a!r}")
 
 # --------------------------------------------------------------------------- 5
 section("5. The per-token rewards of one response: -beta * (log pi - log pi_ref), plus the score at the end")
@@ -197,7 +276,7 @@ for t in range(int(roll.response_mask.sum())):
           f"  r_t {rw[0, t]:+.3f}")
 
 # --------------------------------------------------------------------------- 6
-section("6. A collapsed run (崩溃): no KL penalty, 100x the learning rate, a reward model that likes length")
+section("6. A collapsed run (崩溃): no KL penalty, 30x the learning rate, a reward model that likes length")
 
 
 def length_biased(prompt, response):
@@ -206,26 +285,29 @@ def length_biased(prompt, response):
     return preference_score(prompt, response) + 0.3 * len(response.split())
 
 
-bad_actor, bad_critic = copy.deepcopy(sft), RewardModel(copy.deepcopy(sft))
+bad_actor, bad_critic = copy.deepcopy(sft), RewardModel(copy.deepcopy(sft), init_std=0.0)
 bad_cfg = PPOConfig(steps=2 if FAST else 10, batch_size=8 if FAST else 16, mini_batch_size=8, ppo_epochs=4,
-                    learning_rate=1e-2, init_kl_coef=0.0, max_new_tokens=8 if FAST else 16,
+                    learning_rate=3e-3, init_kl_coef=0.0, max_new_tokens=8 if FAST else 16,
                     log_path=str(out / "ppo_collapsed.jsonl"))
 print(f"PPOConfig: init_kl_coef={bad_cfg.init_kl_coef}, learning_rate={bad_cfg.learning_rate}, "
       f"ppo_epochs={bad_cfg.ppo_epochs}, steps={bad_cfg.steps}; warnings print as they fire:")
 bad = train_ppo(bad_actor, bad_critic, reference, text_reward(length_biased, tok, STOPS), train_prompts, bad_cfg,
                 STOPS, PAD)
-stop2, score2, reps2 = behaviour(bad_actor, heldout)
+spread = [r["prompt"] for r in eval_rows][:: 16 if FAST else 3]  # held-out prompts of every task
+reps2 = ask(bad_actor, tok, spread)
+stop2 = sum(x.rstrip().endswith((".", "。")) for x in reps2) / len(reps2)
+score2 = sum(preference_score(q, x) for q, x in zip(spread, reps2)) / len(reps2)
 print(f"\n{'step':>4} {'reward':>7} {'KL':>7} {'length':>6} {'repeat':>6}  warnings")
 for rec in bad:
     print(f"{rec['step']:>4} {rec['reward']:7.2f} {rec['kl']:7.2f} {rec['response_length']:6.1f} "
           f"{rec['repetition_rate']:6.2f}  {len(rec['warnings'])}")
-print(f"after: replies ending with a full stop {stop2:.0%}, mean (true) preference score {score2:.2f}, "
-      f"KL {heldout_kl(bad_actor, heldout):.2f}")
-for q, a in list(zip(heldout, reps2))[:3]:
+print(f"after, on {len(spread)} held-out prompts of every task: replies ending with a full stop {stop2:.0%}, mean (true) "
+      f"preference score {score2:.2f}, KL {heldout_kl(bad_actor, spread, n_samples=2, max_new_tokens=24):.2f}")
+for q, a in list(zip(spread, reps2))[:3]:
     print(f"  {q!r:44} -> {a!r}")
 print(f"steps with a collapse warning during training: {sum(bool(r['warnings']) for r in bad)} of {len(bad)}")
-# The same watch on the trained models' greedy replies to the held-out prompts:
-for name, reps in (("healthy", reps1), ("collapsed", reps2)):
+# The same watch on the trained models' greedy replies to those held-out prompts:
+for name, reps in (("healthy", ask(actor, tok, spread)), ("collapsed", reps2)):
     ids = [tok.encode(x)[:24] or [STOPS[0]] for x in reps]
     width = max(map(len, ids))
     stats = collapse_stats(torch.tensor([x + [PAD] * (width - len(x)) for x in ids]),

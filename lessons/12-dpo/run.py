@@ -1,15 +1,16 @@
 """Lesson 12: direct preference optimization (DPO, 直接偏好优化) of the SFT'd tiny model, measured.
 
-    python lessons/12-dpo/run.py                 # SFT (or reuse runs/lesson-12/sft), then DPO; a few minutes on CPU
+    python lessons/12-dpo/run.py                 # the shared SFT model, then DPO; about 1.5 minutes on CPU (1 thread)
     python lessons/12-dpo/run.py --fast          # CI: a few steps each, a few prompts (< 60 s)
     python lessons/12-dpo/run.py --lora          # LoRA actor: the reference is the same model with the adapter off
     python lessons/12-dpo/run.py --loss_type ipo # or hinge; --label_smoothing 0.1 for conservative DPO
+    python lessons/12-dpo/run.py --sft PATH      # start from your own SFT checkpoint
 
 1. the losses: sigmoid, label-smoothed, IPO and hinge on the same margins, computed by dpo_loss;
-2. the SFT model (lesson 05's recipe; trained here once and saved to runs/lesson-12/sft);
+2. the SFT model (lesson 05's recipe, shared with lessons 11 and 13 through runs/rlhf-sft-<steps>/);
 3. before: the preferred behaviour on held-out prompts (correct, ends with a full stop, not rude);
 4. DPO with minitune.train (reference log-probs computed once; rewards, accuracy, margin logged);
-5. after: the same measures, and the KL to the reference on the policy's own samples.
+5. after: the same measures, the KL to the reference on the policy's own samples, and where it comes from.
 """
 import argparse
 import copy
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-import minitune
-from minitune.data import PaddingCollator, prepare_sft
+from minitune.classroom.lesson import sft_start
+from minitune.memory import parameter_counts
+from minitune.model import ModelConfig
 from minitune.peft import apply_lora, count_parameters
-from minitune.rlhf import dpo_loss, prepare_pairs, response_kl, train_dpo
+from minitune.rlhf import Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs, train_dpo
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
-from minitune.train import TrainConfig, train
+from minitune.train import TrainConfig
 
 T0 = time.perf_counter()
 
@@ -40,6 +42,10 @@ def parse_args():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: bf16 autocast with fp32 master weights")
+    p.add_argument("--sft", default=None, help="an SFT checkpoint to start from (default: SFT the model here, "
+                                               "cached in runs/rlhf-sft-<steps>/, shared with lessons 11 and 13)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
+                   "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
     p.add_argument("--fast", action="store_true", help="CI mode: a few steps and prompts (< 60 s)")
     p.add_argument("--lora", action="store_true", help="train a LoRA actor (reference = adapter switched off)")
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
@@ -47,7 +53,6 @@ def parse_args():
     p.add_argument("--label_smoothing", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 2e-4 full, 2e-3 LoRA)")
     p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the pairs")
-    p.add_argument("--sft_epochs", type=float, default=3.0, help="SFT epochs (lesson 05 uses 10; 3 keeps this lesson short)")
     p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
     return p.parse_args()
 
@@ -67,31 +72,15 @@ def behaviour(rows: list[dict], replies: list[str]) -> dict:
             "mean preference_score": sum(preference_score(x["prompt"], r) for x, r in zip(rows, replies)) / n}
 
 
-def sft_model(args, data_dir: Path, tok_model):
-    """Lesson 05's SFT (fewer epochs by default), run once and saved (a later run reuses runs/lesson-12/sft)."""
-    sft_dir = Path(args.out) / ("sft-fast" if args.fast else "sft")
-    if (sft_dir / "model.safetensors").exists():
-        model, tok = minitune.load_pretrained(sft_dir, device=args.device, dtype=torch.float32)
-        print(f"reusing the SFT model in {sft_dir} (delete it to train again)")
-        return model, tok
-    model, tok = tok_model
-    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=96, seed=0)
-    cfg = TrainConfig(stage="sft", learning_rate=1e-3, num_train_epochs=args.sft_epochs, max_steps=4 if args.fast else None,
-                      per_device_train_batch_size=16, warmup_ratio=0.1, logging_steps=10, save_steps=0,
-                      output_dir=str(sft_dir), bf16=args.dtype == "bfloat16", seed=0, device=args.device)
-    result = train(model, data.train, cfg, collate=PaddingCollator(tok), tokenizer=tok)
-    losses = list(result.losses.values())
-    print(f"SFT: {result.global_step} steps in {result.runtime_s:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    minitune.save_pretrained(model, tok, sft_dir)
-    return model, tok
-
-
 def main():
     args = parse_args()
     torch.manual_seed(0)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     data_dir = Path(args.data or Path(args.model) / "data")
+    n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
+    if args.device == "cpu" and (args.threads or n_params < 50e6):
+        torch.set_num_threads(args.threads or 1)
 
     # --- 1. the losses --------------------------------------------------------------------------
     section("1. from Bradley-Terry to the DPO loss (beta = 0.1): loss per pair against the log-ratio margin m")
@@ -110,9 +99,8 @@ def main():
           f"hinge is 0 from 1/beta = {1 / 0.1:g} on")
 
     # --- 2. the SFT model -----------------------------------------------------------------------
-    section(f"2. the SFT model (监督微调, lesson 05's recipe with {args.sft_epochs:g} epochs)")
-    base = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
-    model, tok = sft_model(args, data_dir, base)
+    section("2. the SFT model (监督微调, lesson 05's recipe: batch 8, learning rate 1e-3, 450 steps)")
+    model, tok = sft_start(args, 10 if args.fast else 450)
     reference = copy.deepcopy(model).eval()  # pi_ref: the SFT model, frozen (LoRA: not needed, adapter off)
     if args.lora:
         apply_lora(model, r=8, alpha=16, targets="all-linear")
@@ -173,7 +161,21 @@ def main():
     print(f"\nKL(pi || pi_ref) on {len(prompts)} sampled responses (temperature 1, {kl['tokens']} tokens): "
           f"{kl['kl_per_token']:.4f} nats per token, {kl['kl_per_sequence']:.3f} per response "
           f"(mean length {kl['mean_length']:.1f} tokens)")
-    print(f"\nlesson 12 finished in {time.perf_counter() - T0:.0f} s (wall)")
+    # Where it comes from: a held-out reply the policy now ends with a full stop, token by token. The reference
+    # almost never writes "." there, so that one token costs log pi - log pi_ref nats each time it is sampled.
+    i = next((i for i, r in enumerate(after_replies) if r.endswith(".")), 0)
+    ids = prompt_ids(tok, eval_rows[i]["prompt"], args.template)
+    reply = tok.encode(after_replies[i]) + [tok.token_to_id("<|im_end|>") or tok.eos_id]
+    device = next(model.parameters()).device
+    roll = Rollout(torch.tensor([ids + reply], device=device), torch.ones(1, len(ids) + len(reply), dtype=torch.long,
+                   device=device), torch.ones(1, len(reply), dtype=torch.long, device=device), len(ids))
+    with torch.no_grad():
+        lp, rp = response_logprobs(model, roll)[0], reference_logprobs(reference, model, roll)[0]
+    print(f"\n{eval_rows[i]['prompt']!r} -> {after_replies[i]!r}, token by token:")
+    for t, tok_id in enumerate(reply):
+        print(f"  {tok.decode([tok_id])!r:>14}  log pi {lp[t]:7.2f}  log pi_ref {rp[t]:7.2f}  "
+              f"log pi - log pi_ref {lp[t] - rp[t]:+7.2f}")
+    print(f"\nlesson 12 finished in {time.perf_counter() - T0:.0f} s (wall; torch has {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
 """Lesson 13: GRPO (组相对策略优化) on the tiny world's arithmetic. Read README.md beside this file.
 
-    python lessons/13-grpo/run.py                  # the tiny model on CPU, a few minutes
+    python lessons/13-grpo/run.py                  # the tiny model on CPU, about 3 minutes (1 thread)
     python lessons/13-grpo/run.py --fast           # CI: tiny sizes (< 60 s)
-    python lessons/13-grpo/run.py --sft PATH   # start from your own SFT checkpoint
+    python lessons/13-grpo/run.py --sft PATH       # start from your own SFT checkpoint
+    python lessons/13-grpo/run.py --seed 1         # another draw of prompts and samples
 
-0. a short SFT of weights/tiny (or --sft), shared with lesson 11 through runs/rlhf-sft-<steps>/;
+0. the SFT of weights/tiny (or --sft), shared with lessons 11 and 12 through runs/rlhf-sft-<steps>/;
 1. the rule reward and one group: G sampled answers to one question, their rewards and advantages;
-2. GRPO: accuracy on held-out sums before and after, the final KL to the reference.
+2. GRPO: accuracy on held-out sums before and after (greedy and sampled), the final KL to the reference.
 """
 import copy
 import json
-import sys
+import re
 from pathlib import Path
 
 import torch
 
 import minitune
 from minitune.classroom.lesson import ROOT, finish, section, sft_start
+from minitune.memory import parameter_counts
+from minitune.model import ModelConfig
 from minitune.rlhf import (GRPOConfig, arithmetic_reward, group_advantages, reference_logprobs, response_logprobs,
                            sample_rollout, score_responses, text_reward, train_grpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
@@ -32,6 +35,9 @@ def parse_args():
     ap.add_argument("--dtype", default=None, help="float32 (default) or bfloat16: the frozen reference's dtype")
     ap.add_argument("--fast", action="store_true", help="CI mode: a few steps, a few prompts (< 60 s)")
     ap.add_argument("--out", default="runs/lesson-13", help="the GRPO log goes here")
+    ap.add_argument("--seed", type=int, default=0, help="GRPOConfig.seed: which prompts and samples (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
+                    "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
     args = ap.parse_args()
     torch.manual_seed(0)
     return args
@@ -39,6 +45,9 @@ def parse_args():
 
 args = parse_args()
 FAST, out = args.fast, Path(args.out)
+n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
+if args.device == "cpu" and (args.threads or n_params < 50e6):
+    torch.set_num_threads(args.threads or 1)
 
 
 # --------------------------------------------------------------------------- 0
@@ -48,15 +57,20 @@ sft.eval()
 STOPS = stop_ids(tok)
 PAD = tok.pad_id if tok.pad_id is not None else STOPS[0]
 data_dir = Path(args.model) / "data"
-# training questions: the SFT data's sums; held out: eval.jsonl's sums (pairs and phrasings never trained on)
+# Training questions: the SFT data's sums. Measured on prompts never trained on: every sum asked in eval.jsonl's
+# two held-out phrasings, for the training sums (new wording, known facts) and for eval.jsonl's held-out sums
+# (new wording, number pairs never asked about in SFT or here).
+NEW_WORDING = ("How much is {a} plus {b}?", "Tell me the sum of {a} and {b}.")
 train_q = [r["instruction"] for r in map(json.loads, (data_dir / "sft_alpaca.jsonl").read_text().splitlines())
            if r["output"].isdigit()]
-held_q = [r["prompt"] for r in map(json.loads, (data_dir / "eval.jsonl").read_text().splitlines())
-          if r["task"] == "arithmetic"]
-if FAST:
-    held_q = held_q[::3]
-print(f"arithmetic questions: {len(train_q)} for training (e.g. {train_q[0]!r}), {len(held_q)} held out "
-      f"(e.g. {held_q[0]!r})")
+held_pairs = [tuple(map(int, re.findall(r"\d+", r["prompt"])))
+              for r in map(json.loads, (data_dir / "eval.jsonl").read_text().splitlines()) if r["task"] == "arithmetic"]
+known_q = [w.format(a=a, b=b) for q in train_q[:: 8 if FAST else 1] for a, b in [map(int, re.findall(r"\d+", q))]
+           for w in NEW_WORDING]
+held_q = [w.format(a=a, b=b) for a, b in held_pairs[:: 3 if FAST else 1] for w in NEW_WORDING]
+SETS = {"training sums, held-out wording": known_q, "held-out sums, held-out wording": held_q}
+print(f"arithmetic questions: {len(train_q)} for training (e.g. {train_q[0]!r}); measured on {len(known_q)} "
+      f"training sums and {len(held_q)} held-out sums, both in held-out wording (e.g. {held_q[0]!r})")
 reward = text_reward(arithmetic_reward, tok, STOPS)
 reference = copy.deepcopy(sft).to(getattr(torch, args.dtype) if args.dtype else torch.float32).requires_grad_(False)
 
@@ -79,9 +93,13 @@ print(f"group mean {scores.mean():.3f}, std {scores.std():.3f}: right answers ge
 
 
 # --------------------------------------------------------------------------- 2
-def accuracy(model, questions):
+def accuracy(model, questions, n_samples=4):
+    """(greedy accuracy, sampled accuracy at temperature 1 with n_samples per question, greedy replies)."""
     reps = ask(model, tok, questions, max_new_tokens=8)
-    return sum(arithmetic_reward(q, r) for q, r in zip(questions, reps)) / len(questions), reps
+    greedy = sum(arithmetic_reward(q, r) for q, r in zip(questions, reps)) / len(questions)
+    roll = sample_rollout(model, [prompt_ids(tok, q) for q in questions for _ in range(n_samples)], 8, STOPS, PAD,
+                          seed=2)
+    return greedy, score_responses(reward, roll).mean().item(), reps
 
 
 @torch.no_grad()
@@ -94,23 +112,37 @@ def heldout_kl(model, questions, n_samples=4):
 
 
 section("2. GRPO on arithmetic: accuracy on held-out sums before and after, and the KL to the reference")
-cfg = GRPOConfig(steps=3 if FAST else 30, batch_size=4 if FAST else 8, num_generations=G, mini_batch_size=32,
-                 learning_rate=2e-4, beta=0.04, max_new_tokens=8, log_path=str(out / "grpo.jsonl"))
+cfg = GRPOConfig(steps=3 if FAST else 40, batch_size=4 if FAST else 16, num_generations=G,
+                 mini_batch_size=32 if FAST else 64, learning_rate=1e-4, beta=0.04, max_new_tokens=8, seed=args.seed,
+                 log_path=str(out / "grpo.jsonl"))
 print("GRPOConfig: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
     "steps", "batch_size", "num_generations", "mini_batch_size", "num_iterations", "learning_rate", "beta",
-    "cliprange", "max_new_tokens", "temperature")))
-acc0, reps0 = accuracy(sft, held_q)
+    "cliprange", "max_new_tokens", "temperature", "seed")))
+before = {name: accuracy(sft, qs) for name, qs in SETS.items()}
 actor = copy.deepcopy(sft)
 records = train_grpo(actor, reference, reward, [prompt_ids(tok, x) for x in train_q], cfg, STOPS, PAD)
-acc1, reps1 = accuracy(actor, held_q)
+after = {name: accuracy(actor, qs) for name, qs in SETS.items()}
 kl = heldout_kl(actor, held_q)
 print(f"\n{'step':>4} {'reward (sampled accuracy)':>26} {'KL':>6} {'flat groups':>12} {'length':>7}")
 for rec in [records[i] for i in sorted({*range(0, len(records), max(1, len(records) // 8)), len(records) - 1})]:
     print(f"{rec['step']:>4} {rec['reward']:26.3f} {rec['kl']:6.3f} {rec['flat_groups']:12.2f} {rec['response_length']:7.1f}")
-print(f"\nheld-out sums ({len(held_q)}), greedy answers: accuracy before {acc0:.0%} -> after {acc1:.0%}")
-print(f"final KL(pi || pi_ref) on held-out prompts, sampled: {kl:.3f} nats per answer")
-print("examples (before -> after):")
-for q, b, a in list(zip(held_q, reps0, reps1))[:6]:
+quarter = max(1, len(records) // 4)
+first, last = (sum(r["reward"] for r in part) / len(part) for part in (records[:quarter], records[-quarter:]))
+print(f"mean reward of the first {quarter} steps {first:.3f}, of the last {quarter} steps {last:.3f}")
+print(f"\n{'':48}before (SFT)   after (GRPO)")
+for name, qs in SETS.items():
+    (a0, q0, _), (a1, q1, _) = before[name], after[name]
+    print(f"{name} ({len(qs)} questions)")
+    print(f"  greedy accuracy                               {a0:>10.0%}   {a1:>10.0%}")
+    print(f"  sampled accuracy (temperature 1, 4 each)      {q0:>10.0%}   {q1:>10.0%}")
+print(f"KL(pi || pi_ref) on held-out sums, sampled, nats per answer {0.0:.2f} -> {kl:.2f}")
+reps0, reps1 = before[name][-1], after[name][-1]  # the held-out sums
+changed = [(q, b, a) for q, b, a in zip(held_q, reps0, reps1) if b != a]
+right = [arithmetic_reward(q, a) for q, _, a in changed]
+wrong = [arithmetic_reward(q, b) for q, b, _ in changed]
+print(f"{len(changed)} of {len(held_q)} greedy answers changed: {sum(right):.0f} became right, {sum(wrong):.0f} became "
+      f"wrong, {len(changed) - sum(right) - sum(wrong):.0f} stayed wrong; the first six (before -> after):")
+for q, b, a in changed[:6]:
     print(f"  {q!r:40} {b!r:10} -> {a!r}")
 print(f"log: {cfg.log_path}")
 finish()

@@ -150,7 +150,7 @@ class GRPOConfig:
     beta: float = 0.04  # weight of the k3 KL to the reference (trl's default)
     cliprange: float = 0.2  # epsilon of the clipped ratio
     max_new_tokens: int = 16
-    temperature: float = 1.0  # sampling temperature: the group needs diversity to have a signal
+    temperature: float = 1.0  # sampling temperature (the group needs diversity); log-probs use logits / T
     top_k: int | None = None
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -172,8 +172,8 @@ def grpo_step(actor, reference, reward, optimizer, prompts: list[list[int]], cfg
                           seed=cfg.seed * 100_003 + step)
     mask = roll.response_mask  # [B*G, N]
     with torch.no_grad():
-        old_logp = response_logprobs(actor, roll)  # [B*G, N]
-        ref_logp = reference_logprobs(reference, actor, roll)
+        old_logp = response_logprobs(actor, roll, temperature=cfg.temperature)  # [B*G, N]
+        ref_logp = reference_logprobs(reference, actor, roll, cfg.temperature)
         scores = score_responses(reward, roll)  # [B*G]
         advantages = group_advantages(scores, G)  # [B*G]
         flat_groups = (scores.view(-1, G).std(dim=1) == 0).float().mean().item()
@@ -182,7 +182,7 @@ def grpo_step(actor, reference, reward, optimizer, prompts: list[list[int]], cfg
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     for _ in range(cfg.num_iterations):
         for mb in torch.randperm(len(rows), generator=g).split(cfg.mini_batch_size):
-            logp = response_logprobs(actor, roll.index(mb))
+            logp = response_logprobs(actor, roll.index(mb), temperature=cfg.temperature)
             loss, kl, clip_frac = grpo_loss(logp, old_logp[mb], ref_logp[mb], advantages[mb], mask[mb],
                                             cfg.cliprange, cfg.beta)
             optimizer.zero_grad(set_to_none=True)

@@ -64,7 +64,7 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss
     ent_coef: float = 0.0  # weight of the entropy bonus (0: off, as in InstructGPT)
     max_new_tokens: int = 24  # longest response
-    temperature: float = 1.0  # sampling temperature of the rollouts (1: the policy itself)
+    temperature: float = 1.0  # sampling temperature of the rollouts; log-probs use the same (logits / T)
     top_k: int | None = None  # None: the full distribution (old_logp must be what we sampled from)
     max_grad_norm: float = 1.0  # clip each model's gradient norm
     seed: int = 0
@@ -99,8 +99,8 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
                           seed=cfg.seed * 100_003 + step)
     mask = roll.response_mask  # [B, N]
     with torch.no_grad():
-        old_logp = response_logprobs(actor, roll)  # [B, N]
-        ref_logp = reference_logprobs(reference, actor, roll)  # [B, N]
+        old_logp = response_logprobs(actor, roll, temperature=cfg.temperature)  # [B, N]
+        ref_logp = reference_logprobs(reference, actor, roll, cfg.temperature)  # [B, N]
         old_values = critic_values(critic, roll)  # [B, N]
         scores = score_responses(reward, roll)  # [B]
         # 3. per-token rewards, advantages, returns
@@ -118,7 +118,7 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(B, generator=g).split(cfg.mini_batch_size):
             sub, m = roll.index(mb), mask[mb]
-            logp, ent = response_logprobs(actor, sub, with_entropy=True)
+            logp, ent = response_logprobs(actor, sub, with_entropy=True, temperature=cfg.temperature)
             pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[mb], advantages[mb], m, cfg.cliprange)
             values = critic_values(critic, sub)
             vf_loss, vf_clip = ppo_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)

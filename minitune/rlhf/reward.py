@@ -124,14 +124,20 @@ class RewardModel(nn.Module):
     gives a value at every position, ``forward`` the score at the last real token.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, init_std: float | None = None):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
-        # Small init so untrained scores start near 0 with unit-ish scale; std 1/sqrt(H+1)
-        # is the choice of OpenAI's lm-human-preferences code (Ziegler et al. 2019).
-        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        # A reward model's head starts small and random, std 1/sqrt(H+1), so untrained scores sit near 0
+        # with unit-ish scale (OpenAI's lm-human-preferences, Ziegler et al. 2019). A PPO critic's head
+        # starts at zero (init_std=0, as the same code does for its value head): V = 0 everywhere, so the
+        # first advantages are the plain returns instead of returns minus a random guess.
+        std = 1.0 / math.sqrt(hidden + 1) if init_std is None else init_std
+        if std > 0:
+            nn.init.normal_(self.value_head.weight, std=std)
+        else:
+            nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

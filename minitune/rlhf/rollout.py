@@ -78,13 +78,18 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logprobs(model: nn.Module, roll: Rollout, with_entropy: bool = False):
+def response_logprobs(model: nn.Module, roll: Rollout, with_entropy: bool = False, temperature: float = 1.0):
     """log pi(a_t | s_t) of every response token: -> logp [B, N] (and entropy [B, N]).
 
     The logits at column P-1+t predict response token t, hence the slice [P-1 : -1].
+    ``temperature``: the logits are divided by it first, so that with the rollout's sampling temperature
+    these are the log-probs of the distribution the tokens were drawn from (as trl and OpenAI's
+    lm-human-preferences do); PPO's ratio and KL are then about the policy that actually acted.
     """
     logits = model(roll.ids, attention_mask=roll.attention_mask, position_ids=_positions(roll.attention_mask))
     logits = logits[:, roll.prompt_len - 1:-1]  # [B, N, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = logprobs_from_logits(logits, roll.responses)
     if with_entropy:
         return logp, entropy_from_logits(logits)
@@ -92,17 +97,19 @@ def response_logprobs(model: nn.Module, roll: Rollout, with_entropy: bool = Fals
 
 
 @torch.no_grad()
-def reference_logprobs(reference: nn.Module | None, actor: nn.Module, roll: Rollout) -> torch.Tensor:
-    """log pi_ref of the response tokens.  reference=None: the actor with its LoRA adapters off
-    (the same frozen base weights the actor started from), so no second copy of the model."""
+def reference_logprobs(reference: nn.Module | None, actor: nn.Module, roll: Rollout,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log pi_ref of the response tokens (logits divided by ``temperature``, as for the actor).
+    reference=None: the actor with its LoRA adapters off (the same frozen base weights the actor
+    started from), so no second copy of the model."""
     if reference is not None:
-        return response_logprobs(reference, roll)
+        return response_logprobs(reference, roll, temperature=temperature)
     from ..peft import lora  # disable_lora lives with the LoRA code
 
     if not hasattr(lora, "disable_lora"):
         raise RuntimeError("reference=None needs minitune.peft.lora.disable_lora (a LoRA actor); pass a reference model")
     with lora.disable_lora(actor):
-        return response_logprobs(actor, roll)
+        return response_logprobs(actor, roll, temperature=temperature)
 
 
 def user_message(prompt_text: str, template: str = "chatml") -> str | None:
