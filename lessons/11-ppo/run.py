@@ -1,6 +1,6 @@
 """Lesson 11: PPO (近端策略优化) with four models. Read README.md beside this file; every number is measured.
 
-    python lessons/11-ppo/run.py                  # the tiny model on CPU, about 4 minutes (1 thread)
+    python lessons/11-ppo/run.py                  # the tiny model on CPU, about 2 minutes (1 thread)
     python lessons/11-ppo/run.py --fast           # CI: tiny sizes (< 60 s)
     python lessons/11-ppo/run.py --sft PATH       # start from your own SFT checkpoint
     python lessons/11-ppo/run.py --seed 1         # another draw of prompts and samples

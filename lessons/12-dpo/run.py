@@ -1,6 +1,6 @@
 """Lesson 12: direct preference optimization (DPO, 直接偏好优化) of the SFT'd tiny model, measured.
 
-    python lessons/12-dpo/run.py                 # the shared SFT model, then DPO; about 1.5 minutes on CPU (1 thread)
+    python lessons/12-dpo/run.py                 # the shared SFT model, then DPO; well under a minute on CPU (1 thread)
     python lessons/12-dpo/run.py --fast          # CI: a few steps each, a few prompts (< 60 s)
     python lessons/12-dpo/run.py --lora          # LoRA actor: the reference is the same model with the adapter off
     python lessons/12-dpo/run.py --loss_type ipo # or hinge; --label_smoothing 0.1 for conservative DPO

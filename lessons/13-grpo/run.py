@@ -1,6 +1,6 @@
 """Lesson 13: GRPO (组相对策略优化) on the tiny world's arithmetic. Read README.md beside this file.
 
-    python lessons/13-grpo/run.py                  # the tiny model on CPU, about 3 minutes (1 thread)
+    python lessons/13-grpo/run.py                  # the tiny model on CPU, about a minute (1 thread)
     python lessons/13-grpo/run.py --fast           # CI: tiny sizes (< 60 s)
     python lessons/13-grpo/run.py --sft PATH       # start from your own SFT checkpoint
     python lessons/13-grpo/run.py --seed 1         # another draw of prompts and samples
