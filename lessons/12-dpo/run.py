@@ -171,8 +171,10 @@ def main():
                    device=device), torch.ones(1, len(reply), dtype=torch.long, device=device), len(ids))
     with torch.no_grad():
         lp, rp = response_logprobs(model, roll)[0], reference_logprobs(reference, model, roll)[0]
-    print(f"\n{eval_rows[i]['prompt']!r} -> {after_replies[i]!r}, token by token:")
-    for t, tok_id in enumerate(reply):
+    first = max(0, len(reply) - 12)  # a long reply: its last 12 tokens
+    print(f"\n{eval_rows[i]['prompt']!r} -> {after_replies[i]!r}, token by token"
+          + (f" (the last {len(reply) - first}):" if first else ":"))
+    for t, tok_id in list(enumerate(reply))[first:]:
         print(f"  {tok.decode([tok_id])!r:>14}  log pi {lp[t]:7.2f}  log pi_ref {rp[t]:7.2f}  "
               f"log pi - log pi_ref {lp[t] - rp[t]:+7.2f}")
     print(f"\nlesson 12 finished in {time.perf_counter() - T0:.0f} s (wall; torch has {torch.get_num_threads()} threads)")
