@@ -26,7 +26,8 @@ from minitune.classroom.lesson import ROOT, finish, section, sft_start
 from minitune.memory import estimate_memory, human_bytes, lora_parameters, parameter_counts
 from minitune.model import ModelConfig
 from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warnings, compute_gae, kl_penalty_rewards,
-                           reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward, train_ppo)
+                           reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward,
+                           train_ppo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import contains_answer, preference_score, reference_answer
 
@@ -228,8 +229,9 @@ ppo_cfg = PPOConfig(steps=2 if FAST else 40, batch_size=16 if FAST else 64, mini
 print("PPOConfig: " + ", ".join(f"{k}={getattr(ppo_cfg, k)}" for k in (
     "steps", "batch_size", "mini_batch_size", "ppo_epochs", "learning_rate", "critic_learning_rate", "init_kl_coef",
     "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "max_new_tokens", "seed")))
-print(f"rollouts: the {len(train_sums)} training sums; measured on " + ", ".join(
-    f"{name} ({len(qs)} questions)" for name, qs in SETS.items()) + f", {len(others)} held-out questions of the other tasks")
+print(f"rollouts: the {len(train_sums)} training sums; measured on "
+      + ", ".join(f"{name} ({len(qs)} questions)" for name, qs in SETS.items())
+      + f", {len(others)} held-out questions of the other tasks")
 before = {name: behaviour(sft, qs) for name, qs in SETS.items()}
 others0 = other_tasks_correct(sft)
 records = train_ppo(actor, critic, reference, reward, train_sums, ppo_cfg, STOPS, PAD)

@@ -25,7 +25,8 @@ from minitune.classroom.lesson import sft_start
 from minitune.memory import parameter_counts
 from minitune.model import ModelConfig
 from minitune.peft import apply_lora, count_parameters
-from minitune.rlhf import Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs, train_dpo
+from minitune.rlhf import (Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs,
+                           train_dpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
 from minitune.train import TrainConfig

@@ -19,9 +19,9 @@ Normalisation: as in the paper, each sequence's tokens are averaged first (1/|o_
 sequences are averaged, so every response weighs the same whatever its length.  (Later
 work, e.g. DAPO, averages over all tokens of the batch instead; not done here.)
 
-The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers (``rollout.py``): sample G responses
-per prompt, score them with the rule, group-normalise, then a few clipped updates.  Two
-models only: the actor and the frozen reference (no critic, no learned reward model).
+The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers (``rollout.py``):
+sample G responses per prompt, score them with the rule, group-normalise, then a few clipped
+updates.  Two models only: the actor and the frozen reference (no critic, no learned reward model).
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def user_message(prompt_text: str, template: str = "chatml") -> str | None:
     ("<|im_start|>user\nWhat is 3+4?<|im_end|>\n<|im_start|>assistant\n" -> "What is 3+4?"), or None
     when ``prompt_text`` is not such a prompt (several turns, another template)."""
     before, after = render(template, [{"role": "user", "content": "\x00"}], add_generation_prompt=True).split("\x00")
-    if len(prompt_text) < len(before) + len(after) or not (prompt_text.startswith(before) and prompt_text.endswith(after)):
+    fits = len(prompt_text) >= len(before) + len(after)
+    if not (fits and prompt_text.startswith(before) and prompt_text.endswith(after)):
         return None
     return prompt_text[len(before):len(prompt_text) - len(after)]
 
