@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import minitune
-from minitune.classroom.lesson import ROOT, finish, section, sft_start
-from minitune.memory import estimate_memory, human_bytes, lora_parameters, parameter_counts
+from minitune.classroom.lesson import ROOT, finish, section, sft_start, small_model_threads
+from minitune.memory import estimate_memory, human_bytes, lora_parameters
 from minitune.model import ModelConfig
 from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warnings, compute_gae, kl_penalty_rewards,
                            reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward,
@@ -55,9 +55,7 @@ def parse_args():
 args = parse_args()
 out = Path(args.out)
 FAST = args.fast
-n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
-if args.device == "cpu" and (args.threads or n_params < 50e6):
-    torch.set_num_threads(args.threads or 1)
+small_model_threads(args)
 
 
 # --------------------------------------------------------------------------- 0

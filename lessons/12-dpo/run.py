@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minitune.classroom.lesson import sft_start
-from minitune.memory import parameter_counts
-from minitune.model import ModelConfig
+from minitune.classroom.lesson import sft_start, small_model_threads
 from minitune.peft import apply_lora, count_parameters
 from minitune.rlhf import (Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs,
                            train_dpo)
@@ -79,9 +77,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     data_dir = Path(args.data or Path(args.model) / "data")
-    n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
-    if args.device == "cpu" and (args.threads or n_params < 50e6):
-        torch.set_num_threads(args.threads or 1)
+    small_model_threads(args)
 
     # --- 1. the losses --------------------------------------------------------------------------
     section("1. from Bradley-Terry to the DPO loss (beta = 0.1): loss per pair against the log-ratio margin m")

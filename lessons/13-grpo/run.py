@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 
 import minitune
-from minitune.classroom.lesson import ROOT, finish, section, sft_start
-from minitune.memory import parameter_counts
-from minitune.model import ModelConfig
+from minitune.classroom.lesson import ROOT, finish, section, sft_start, small_model_threads
 from minitune.rlhf import (GRPOConfig, arithmetic_reward, group_advantages, reference_logprobs, response_logprobs,
                            sample_rollout, score_responses, text_reward, train_grpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
@@ -45,9 +43,7 @@ def parse_args():
 
 args = parse_args()
 FAST, out = args.fast, Path(args.out)
-n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
-if args.device == "cpu" and (args.threads or n_params < 50e6):
-    torch.set_num_threads(args.threads or 1)
+small_model_threads(args)
 
 
 # --------------------------------------------------------------------------- 0

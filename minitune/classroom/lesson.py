@@ -99,6 +99,17 @@ def load_or_build(args, hidden: int = 128, layers: int = 4):
     return model, tok, folder, True
 
 
+def small_model_threads(args) -> None:
+    """One torch thread on CPU for a checkpoint under 50 M parameters (or `args.threads` if given):
+    such small matrices gain nothing from a second thread, and on a busy machine lose several times."""
+    from minitune.memory import parameter_counts
+    from minitune.model import ModelConfig
+
+    n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
+    if args.device == "cpu" and (args.threads or n_params < 50e6):
+        torch.set_num_threads(args.threads or 1)
+
+
 def timed(fn, repeat: int = 3) -> float:
     """Best wall time of ``repeat`` calls, in seconds (the best is the least disturbed by other jobs)."""
     best = float("inf")
