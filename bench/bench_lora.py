@@ -11,7 +11,11 @@ After warm-up, the two sides alternate for --rounds rounds (so drifting machine 
 alike); medians of tokens/s are reported, and of the process CPU time per step, which other work on a
 shared machine disturbs less than wall time (with one thread it is the better figure to compare).
 
-Run:  python bench/bench_lora.py [--rounds 7] [--threads N]
+With --breakdown, one more step of each side runs under torch.profiler and its CPU time is split into
+matrix products (the base layers' GEMMs, the head, LoRA's thin products), attention (SDPA) and the
+rest (element-wise ops, softmax, optimizer): where the two differ and where they do the same work.
+
+Run:  python bench/bench_lora.py [--rounds 7] [--threads N] [--breakdown]
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--breakdown", action="store_true", help="profile one more step of each: where the time goes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,9 +114,32 @@ def main() -> None:
     for name, ts in times.items():
         print(f"  {name:18s} {statistics.median(ts) * 1e3:8.1f} ms/step  {tps[name]:9.0f} tokens/s  "
               f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms; CPU {statistics.median(cpu[name]) * 1e3:.1f} ms)")
-    mine, ref = "minitune", "transformers+PEFT"
-    print(f"  ratio: minitune = {tps[mine] / tps[ref]:.2f}x transformers+PEFT tokens/s "
-          f"(CPU time per step: {statistics.median(cpu[ref]) / statistics.median(cpu[mine]):.2f}x)")
+    ours_tps, peft_tps = tps["minitune"], tps["transformers+PEFT"]
+    cpu_ratio = statistics.median(cpu["transformers+PEFT"]) / statistics.median(cpu["minitune"])
+    print(f"  ratio: minitune = {ours_tps / peft_tps:.2f}x transformers+PEFT tokens/s (CPU time per step: {cpu_ratio:.2f}x)")
+    if args.breakdown:
+        print("  where a step's CPU time goes (torch.profiler, self time of the aten ops, median of 3 steps):")
+        for name, fn in contenders.items():
+            runs = [breakdown(fn) for _ in range(3)]
+            parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"  {name:18s} " + "   ".join(f"{k} {v:6.0f} ms" for k, v in parts.items()))
+
+
+GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
+def breakdown(step) -> dict[str, float]:
+    """One step under the profiler: self CPU ms of matrix products, attention, and everything else."""
+    from torch.profiler import profile
+    with profile() as prof:
+        step()
+    parts = {"matrix products": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue  # Python-level ranges (autograd nodes, optimizer) contain aten ops already counted
+        kind = "matrix products" if ev.key in GEMMS else "attention" if "scaled_dot_product" in ev.key else "other"
+        parts[kind] += ev.self_cpu_time_total / 1e3
+    return parts
 
 
 if __name__ == "__main__":
