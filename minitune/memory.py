@@ -21,7 +21,9 @@ keeps roughly
 
 in 2 bytes under bf16/fp16 autocast, else 4; no s x s score matrix is kept, since
 scaled_dot_product_attention's fused kernels recompute it. The logits add b * s * vocab values in
-fp32 twice (the logits and their gradient), often the largest single item for small models.
+fp32 twice (the logits and their gradient), often the largest single item for small models; with
+the trainer's fused head + loss (train/loss.py) only one chunk of C rows exists at a time, twice
+(its logits and their softmax), plus the b * s * h gradient the loss keeps for backward.
 It is a rough guide (allocator slack, temporary buffers and CUDA context come on top), which
 is why the trainer prints torch.cuda.max_memory_allocated beside it on a GPU.
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import ModelConfig
+from .train.loss import chunk_rows
 
 GB = 1e9
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,11 +131,12 @@ def _count(n: int) -> str:
 
 def estimate_memory(config: ModelConfig, method: str = "full", dtype=torch.float32, batch_size: int = 1,
                     seq_len: int = 512, lora_r: int = 8, lora_target=ALL_LINEAR, optimizer: str = "adamw",
-                    autocast: bool | None = None) -> MemoryEstimate:
+                    autocast: bool | None = None, fused_loss: bool = True) -> MemoryEstimate:
     """Bytes for training `config` with `method` (full | lora | qlora) and weights in `dtype`.
 
     autocast: activations in 16 bits (bf16/fp16 autocast); default: whenever dtype is 16-bit.
     optimizer: "adamw" (two fp32 moments per trainable parameter) or "sgd" (none).
+    fused_loss: the LM head and cross-entropy run chunk by chunk, as the trainer does by default.
     """
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"method must be full, lora or qlora, got {method!r}")
@@ -154,6 +158,10 @@ def estimate_memory(config: ModelConfig, method: str = "full", dtype=torch.float
     kv = config.num_key_value_heads * config.head_dim
     tokens = batch_size * seq_len
     acts = tokens * config.num_hidden_layers * (6 * h + 2 * kv + 4 * i) * (2 if autocast else 4)
-    acts += tokens * h * (2 if autocast else 4) + 2 * tokens * config.vocab_size * 4  # embeddings, logits
+    acts += tokens * h * (2 if autocast else 4)  # the embeddings' output
+    if fused_loss:  # one chunk's logits and softmax at a time, and the [tokens, h] gradient kept for backward
+        acts += 2 * min(tokens, chunk_rows(config.vocab_size, h)) * config.vocab_size * 4 + tokens * h * 4
+    else:  # all the logits and their gradient
+        acts += 2 * tokens * config.vocab_size * 4
     name = str(dtype).replace("torch.", "")
     return MemoryEstimate(method, name, n, trainable, batch_size, seq_len, params, grads, states, master, acts)

@@ -57,3 +57,15 @@ def test_table_states_the_rule_of_thumb():
     assert "6.74B params = 27 GB in fp32, 13.5 GB in bf16" in text
     assert "AdamW moments" in text and "fp32 master weights" in text and "total" in text
     assert human_bytes(4e9) == "4 GB" and human_bytes(2e9) == "2 GB" and human_bytes(512) == "512 B"
+
+
+def test_fused_loss_counts_one_chunk_of_logits_not_all_of_them():
+    long = dict(batch_size=8, seq_len=4096)
+    fused = estimate_memory(LLAMA2_7B, "lora", torch.bfloat16, **long)
+    plain = estimate_memory(LLAMA2_7B, "lora", torch.bfloat16, fused_loss=False, **long)
+    tokens, vocab, h = 8 * 4096, LLAMA2_7B.vocab_size, LLAMA2_7B.hidden_size
+    # all logits and their gradient in fp32, versus two 4096-row chunks and the [tokens, h] input gradient
+    assert plain.activations - fused.activations == 2 * tokens * vocab * 4 - (2 * 4096 * vocab * 4 + tokens * h * 4)
+    short = dict(batch_size=1, seq_len=512)  # fewer tokens than a chunk: the logits exist whole either way
+    assert (estimate_memory(LLAMA2_7B, **short).activations - estimate_memory(LLAMA2_7B, fused_loss=False, **short).activations
+            == 512 * h * 4)
