@@ -45,7 +45,9 @@ def main():
     S.section("1. the SVD form (奇异值分解形式): h = W0 x + (alpha / r) P diag(Λ) Q x")
     with torch.no_grad():
         before = model(ids)
-    apply_adalora(model, AdaLoRAConfig(total_step=100, init_r=INIT_R, target_r=TARGET_R, targets="all-linear"))
+    # alpha = 2 * init_r, as the training run in section 4 gets it (LLaMA-Factory's default alpha = 2r)
+    apply_adalora(model, AdaLoRAConfig(total_step=100, init_r=INIT_R, target_r=TARGET_R, lora_alpha=2 * INIT_R,
+                                       targets="all-linear"))
     name, layer = next(iter(svd_layers(model).items()))
     print(f"{name}: {layer}")
     print(f"  Q = lora_A {list(layer.lora_A.shape)}, Λ = lora_E {list(layer.lora_E.shape)} (zeros), "
