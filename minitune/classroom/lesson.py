@@ -121,9 +121,9 @@ def timed(fn, repeat: int = 3) -> float:
 
 
 def sft_start(args, steps: int):
-    """(SFT model, tokenizer) that RL lessons (11, 13) start from: args.sft if given; else args.model
-    SFT'd as in lesson 05 (shorter), cached in runs/rlhf-sft-<steps>/ and reused while the base model
-    and the step count are the same."""
+    """(SFT model, tokenizer) that the alignment lessons (11 PPO, 12 DPO, 13 GRPO) start from:
+    args.sft if given; else args.model SFT'd as in lesson 05 (shorter), cached in
+    runs/rlhf-sft-<steps>/ and reused while the base model and the step count are the same."""
     import minitune
     from minitune.data import PaddingCollator, prepare_sft
     from minitune.train import TrainConfig, train
