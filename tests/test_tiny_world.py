@@ -81,6 +81,8 @@ def test_preference_rule_on_hand_cases():
     p = "What is 3+4?"
     assert tasks.reference_answer(p) == "7"
     assert tasks.reference_answer("Reverse the words: cat dog sun") == "sun dog cat"
+    assert tasks.reference_answer("Reverse the words: cat dog sun.") == "sun dog cat"  # punctuation is not a word
+    assert tasks.reference_answer("Say these words from last to first: cat dog, please") == "dog cat"
     assert tasks.reference_answer("What is the capital of France?") == "Paris"
     s = tasks.preference_score
     assert s(p, "The answer is 7.") == 3.0

@@ -154,8 +154,8 @@ def reference_answer(prompt: str) -> str | None:
     nums = re.findall(r"\d+", prompt)
     if len(nums) == 2 and re.search(r"\+|plus|sum|add", prompt, re.I):
         return str(int(nums[0]) + int(nums[1]))
-    m = re.search(r"(?:words|order|first|backwards):\s*(.+)$", prompt)
-    if m:
+    m = re.search(r"(?:words|order|first|backwards):\s*([a-z]+(?: [a-z]+)*)", prompt)
+    if m:  # the word list after the colon, without what may follow it ("... sun.", "... sun, please")
         return " ".join(reversed(m.group(1).split()))
     for table in (CAPITALS, COLOURS, SOUNDS):
         for key, value in table.items():
