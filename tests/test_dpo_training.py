@@ -16,16 +16,14 @@ import torch.nn.functional as F
 import minitune
 from minitune.cli import main
 from minitune.data import IGNORE_INDEX
-from minitune.model import ModelConfig, Transformer
 from minitune.peft import apply_lora
 from minitune.rlhf import (PairCollator, add_reference_logps, dpo_loss, dpo_loss_fn, policy_logps, prepare_pairs,
                            response_kl, stack_pairs, train_dpo)
-from minitune.tokenizer.bpe_trainer import train_bpe
 from minitune.train import TrainConfig, TrainConfigError
+from rlhf_fixtures import fresh_model, pair_world
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -39,17 +37,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    lines = [f"{r['prompt']} {r['chosen']} {r['rejected']}" for r in synthetic_pairs(60, seed=9)]
-    tok = train_bpe(lines, vocab_size=300, special_tokens=SPECIALS, eos_token="<|endoftext|>",
-                    pad_token="<|endoftext|>")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_id)
-    return cfg, tok
-
-
-def fresh_model(cfg, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(cfg)
+    return pair_world(synthetic_pairs(60, seed=9))
 
 
 def train_cfg(tmp_path, **kw) -> TrainConfig:

@@ -9,31 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitune.model import ModelConfig, Transformer
-from minitune.rlhf import GRPOConfig, arithmetic_reward, grpo_step, sample_rollout, train_grpo
+from minitune.rlhf import GRPOConfig, arithmetic_reward, grpo_step, train_grpo
 from minitune.train import make_optimizer
+from rlhf_fixtures import CFG, EOS, PAD, PROMPTS, TARGET, mean_target_rate, target_rate, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-PAD, EOS, TARGET = 0, 1, 5
-CFG = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True)
-PROMPTS = [[2 + i % 7, 3 + i % 5, 4][: 2 + i % 2] for i in range(32)]
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(CFG)
-
-
-def target_rate(prompt_ids, response_ids):
-    body = [t for t in response_ids if t != EOS]
-    return sum(t == TARGET for t in body) / max(len(body), 1)
-
-
-def mean_target_rate(actor, n=64, seed=123):
-    roll = sample_rollout(actor, [PROMPTS[i % len(PROMPTS)] for i in range(n)], 6, [EOS], PAD, seed=seed)
-    rows = [[t for t, m in zip(r, mk) if m] for r, mk in zip(roll.responses.tolist(), roll.response_mask.tolist())]
-    return sum(target_rate(None, r) for r in rows) / n
 
 
 def test_grpo_raises_the_rule_reward_and_keeps_the_reference_fixed(tmp_path):
