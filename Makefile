@@ -52,6 +52,8 @@ weights: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_lora.py
+	$(PY) bench/bench_tokenizer.py
 
 MODEL ?= Qwen/Qwen2.5-0.5B-Instruct
 download: $(VENV)/.installed
