@@ -46,9 +46,10 @@ def test_the_rule_sees_the_question_and_a_correct_reversal_is_paid(tok):
 
     assert text_reward(rule, tok, stops)(prompt, reply) == 3.0  # +2 correct, +1 full stop
     assert seen == [("Reverse the words: sun fish apple", "apple fish sun.")]
-    # The old behaviour (the whole decoded prompt, role names included): the answer is not found.
+    # Without a template the rule gets the whole decoded prompt, role names included; it used to read
+    # the word list up to the end of the text ("apple\nassistant"), and now stops at the list's end.
     assert tok.decode(prompt, skip_special_tokens=True) == "user\nReverse the words: sun fish apple\nassistant\n"
-    assert text_reward(preference_score, tok, stops, template=None)(prompt, reply) == 1.0
+    assert text_reward(preference_score, tok, stops, template=None)(prompt, reply) == 3.0
 
 
 def test_score_responses_uses_the_rule_on_each_rollout_row(tok):
