@@ -71,7 +71,19 @@ def load_for_training(cfg: TrainConfig):
 
 def apply_finetuning_type(model, cfg: TrainConfig, tok=None):
     """Freeze `model` and add what cfg.finetuning_type trains (lessons 06-08); returns the model to
-    train: the same object (LoRA, AdaLoRA, adapters) or a wrapper around it (prefix, prompt, ptuning)."""
+    train: the same object (LoRA, AdaLoRA, adapters) or a wrapper around it (prefix, prompt, ptuning).
+    With `trainable_tokens` those rows of the embedding (and of a head tied to it) train as well
+    (minitune/peft/trainable_tokens.py); token strings are looked up in `tok`, digits are ids."""
+    from . import peft
+
+    model = add_method(model, cfg, tok)
+    if cfg.trainable_tokens:
+        model = peft.apply_trainable_tokens(model, peft.token_ids(tok, cfg.trainable_tokens))
+    return model
+
+
+def add_method(model, cfg: TrainConfig, tok=None):
+    """cfg.finetuning_type's own parameters, on the frozen model (see apply_finetuning_type)."""
     from . import peft
 
     ft = cfg.finetuning_type
@@ -133,6 +145,7 @@ def merge_and_unload(model):
     model saves as an ordinary checkpoint (LLaMA-Factory's `export`). Outputs do not change."""
     from .peft.adalora import SVDLinear
     from .peft.lora import LoRALinear, _replace
+    from .peft.trainable_tokens import unload_trainable_tokens
 
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
@@ -144,7 +157,7 @@ def merge_and_unload(model):
         else:
             continue
         _replace(model, name, m.base_layer)
-    return model
+    return unload_trainable_tokens(model, merge=True)  # E[i_j] += delta[j]: trained token rows into the weights
 
 
 def save_trained(model, tok, cfg: TrainConfig) -> str:
@@ -154,6 +167,7 @@ def save_trained(model, tok, cfg: TrainConfig) -> str:
     so does `--adapter`), and with export_dir also the merged model. Adapters and soft prompts: their
     trainable tensors plus a small JSON of the settings, which `--adapter` reads back."""
     from .peft import save_adapter
+    from .peft.trainable_tokens import trainable_tokens_layer
     from .train.checkpoint import save_final, trainable_state
 
     out = Path(cfg.output_dir)
@@ -172,6 +186,9 @@ def save_trained(model, tok, cfg: TrainConfig) -> str:
         settings = {k: getattr(cfg, k) for k in METHOD_KEYS[ft]}
         if "num_virtual_tokens" in settings:
             settings["num_virtual_tokens"] = cfg.virtual_tokens
+        rows = trainable_tokens_layer(model)
+        if rows is not None:  # ids, so reading it back needs no tokenizer (PEFT's key name)
+            settings["trainable_token_indices"] = rows.token_indices.tolist()
         (tmp / METHOD_FILE).write_text(json.dumps(dict(finetuning_type=ft, base_model_name_or_path=
                                                        cfg.model_name_or_path, **settings), indent=2))
     tok.save(tmp)
@@ -329,7 +346,8 @@ def attach_adapter(model, adapter_dir):
 
     A PEFT folder (adapter_config.json: LoRA or AdaLoRA, made by minitune or by PEFT) goes through
     minitune.peft.load_adapter; a folder `minitune train` wrote for adapter / prefix / prompt / ptuning
-    is rebuilt from its settings and its tensors loaded, every name and shape checked.
+    is rebuilt from its settings and its tensors loaded, every name and shape checked. Trainable token
+    rows come back with either (PEFT's trainable_token_indices; the minitune file's key of that name).
     """
     from .peft import AdapterError, load_adapter
 
@@ -343,7 +361,9 @@ def attach_adapter(model, adapter_dir):
             raise AdapterError(f"{path / METHOD_FILE}: finetuning_type {ft!r} is not one of {sorted(METHOD_KEYS)}")
         from safetensors.torch import load_file
 
-        cfg = TrainConfig(finetuning_type=ft, **{k: settings[k] for k in METHOD_KEYS[ft] if k in settings})
+        rows = settings.get("trainable_token_indices")
+        cfg = TrainConfig(finetuning_type=ft, **{k: settings[k] for k in METHOD_KEYS[ft] if k in settings},
+                          trainable_tokens=",".join(map(str, rows)) if rows else None)
         model = apply_finetuning_type(model, cfg)
         tensors = load_file(path / METHOD_WEIGHTS)
         want = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -33,3 +33,9 @@ from .prompt import PromptEncoder
 from .prompt import PromptTuningModel
 from .prompt import p_tuning_num_params
 from .prompt import prompt_tuning_num_params
+from .trainable_tokens import TrainableTokensEmbedding
+from .trainable_tokens import TrainableTokensHead
+from .trainable_tokens import apply_trainable_tokens
+from .trainable_tokens import token_ids
+from .trainable_tokens import trainable_tokens_num_params
+from .trainable_tokens import unload_trainable_tokens

@@ -31,7 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import (PEFT_PREFIX, AdapterError, _replace, _target_modules_for_config, check_modules, check_shape,
-                   check_supported, match_targets, read_adapter_dir, UNSUPPORTED, split_peft_name, write_adapter_dir)
+                   check_supported, match_targets, read_adapter_dir, read_token_rows, UNSUPPORTED, split_peft_name,
+                   write_adapter_dir)
+from .trainable_tokens import add_peft_rows, load_rows
 
 
 @dataclass
@@ -229,6 +231,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
                   inference_mode=True, init_lora_weights=True, modules_to_save=None, use_dora=False,
                   target_modules=_target_modules_for_config(model, list(layers)),
                   base_model_name_or_path=base_model_name_or_path)
+    add_peft_rows(model, config, tensors)  # trainable token rows, if any, as PEFT saves them beside AdaLoRA
     return write_adapter_dir(out_dir, config, tensors)
 
 
@@ -246,6 +249,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise AdapterError(f"{cfg_file}: {e}") from None
     pattern = {k.removesuffix(".default"): v for k, v in (config.get("rank_pattern") or {}).items()}
     names = match_targets(model, c.targets, source=f"{cfg_file}: ")
+    tokens = read_token_rows(model, cfg_file, config, w_file, tensors)
     by_module = {}
     for key, t in tensors.items():
         module, part = split_peft_name(w_file, key, ("lora_A", "lora_B", "lora_E"))
@@ -274,4 +278,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 getattr(layer, part).copy_(by_module[name][part][1])
             _replace(model, name, layer)
     model.adalora_config = c
+    if tokens is not None:
+        load_rows(model, *tokens)
     return model

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
 from ..quant.linear4bit import Linear4bit
+from .trainable_tokens import add_peft_rows, load_rows, read_peft_rows
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
@@ -298,7 +299,9 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
                   bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   modules_to_save=None, rank_pattern={}, alpha_pattern={}, use_dora=False, lora_bias=False,
                   base_model_name_or_path=base_model_name_or_path)
-    return write_adapter_dir(out_dir, config, {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()})
+    tensors = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    add_peft_rows(model, config, tensors)  # trainable token rows, if any: trainable_token_indices + their rows
+    return write_adapter_dir(out_dir, config, tensors)
 
 
 def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
@@ -321,7 +324,7 @@ def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
 # config fields minitune cannot honour: loading would silently give a different model
 UNSUPPORTED = dict(use_dora=False, lora_bias=False, fan_in_fan_out=False, modules_to_save=None, rank_pattern={},
                    alpha_pattern={}, layers_to_transform=None, exclude_modules=None, layer_replication=None,
-                   trainable_token_indices=None, target_parameters=None, alora_invocation_tokens=None)
+                   target_parameters=None, alora_invocation_tokens=None)
 
 
 def check_supported(cfg_file: Path, config: dict, fields: dict):
@@ -357,6 +360,15 @@ def check_shape(w_file: Path, key: str, got, want, what: str):
         raise AdapterError(f"{w_file}: tensor {key!r} has shape {list(got)}, but {what} needs {list(want)}")
 
 
+def read_token_rows(model, cfg_file: Path, config: dict, w_file: Path, tensors: dict):
+    """trainable_token_indices and their rows (minitune.peft.trainable_tokens), checked and taken out of
+    `tensors`; None when the adapter has none."""
+    try:
+        return read_peft_rows(model, config, tensors)
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file} / {w_file.name}: {e}") from None
+
+
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply LoRA from a PEFT adapter folder's config, then load its tensors; everything is checked
     against the model before anything is changed. AdaLoRA folders are handed to minitune.peft.adalora."""
@@ -374,6 +386,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     if targets is None:
         raise AdapterError(f"{cfg_file}: no target_modules")
     names = match_targets(model, targets, source=f"{cfg_file}: ")
+    tokens = read_token_rows(model, cfg_file, config, w_file, tensors)
     by_module = {}
     for key, t in tensors.items():
         module, part = split_peft_name(w_file, key, ("lora_A.weight", "lora_B.weight"))
@@ -396,4 +409,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             layer = model.get_submodule(name)
             layer.lora_A.weight.copy_(by_module[name]["lora_A.weight"][1])
             layer.lora_B.weight.copy_(by_module[name]["lora_B.weight"][1])
+    if tokens is not None:
+        load_rows(model, *tokens)
     return model

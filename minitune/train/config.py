@@ -95,6 +95,7 @@ class TrainConfig:
     encoder_hidden_size: int | None = None  # prefix MLP / ptuning encoder width (None: the model's)
     prompt_tuning_init_text: str | None = None  # prompt: start the soft prompt from this text's embeddings
     export_dir: str | None = None  # lora / adalora: also write the merged full model here
+    trainable_tokens: str | list[str] | None = None  # PEFT types, sft: also train these embedding rows (and a tied lm_head's), tokens or ids, e.g. "<|im_start|>,<|im_end|>"
     # RLHF by reinforcement learning (stage ppo / grpo; minitune/rlhf, lessons 11 and 13)
     reward_model: str | None = None  # ppo / grpo: reward model folder (None: ppo the tiny world's preference rule, grpo the arithmetic check)
     ppo_epochs: int = 4  # ppo: passes over each rollout batch
@@ -159,6 +160,12 @@ class TrainConfig:
             bad("adapter_mode", f"{self.adapter_mode!r} is not one of serial, parallel")
         if ft == "ptuning" and self.encoder_reparameterization_type.upper() not in ("MLP", "LSTM"):
             bad("encoder_reparameterization_type", f"{self.encoder_reparameterization_type!r} is not one of MLP, LSTM")
+        if self.trainable_tokens and ft not in PEFT_TYPES:
+            bad("trainable_tokens", f"finetuning_type {ft} trains the whole embedding already; the rows are for "
+                                    f"the parameter-efficient types ({', '.join(PEFT_TYPES)})")
+        if self.trainable_tokens and self.stage != "sft":
+            bad("trainable_tokens", f"stage {self.stage}: only sft (a reference model made by switching the "
+                                    "adapter off would keep the trained rows)")
         if self.export_dir and ft not in ("lora", "adalora"):
             bad("export_dir", f"merging into the weights needs finetuning_type lora or adalora, not {ft}")
 
