@@ -4,11 +4,14 @@
     python lessons/08-peft-families/run.py --fast     # CI: a few steps each, a few questions
 
 1. where each method puts its parameters, checked on the model: adapters (additive), prefix tuning,
-   prompt tuning and P-tuning (soft prompts); LoRA (reparameterisation) is lessons 06-07;
+   prompt tuning and P-tuning (soft prompts); LoRA (reparameterisation) is lessons 06-07; and the chat
+   tokens' rows of the embedding (trainable tokens), which any of them can train as well;
 2. how many parameters: the tiny model (formula vs count) and LLaMA-7B (formula);
-3. each method trained on lesson 05's data and schedule, evaluated the same way, beside full fine-tuning;
+3. each method trained on lesson 05's data and schedule, evaluated the same way, beside full fine-tuning:
+   with the chat-token rows (--rows on, the default), without (off), or both side by side;
 4. the same questions answered by each.
 """
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,8 +24,8 @@ from minitune.memory import count_parameters as formula_total  # noqa: E402
 from minitune.memory import lora_parameters  # noqa: E402
 from minitune.model import ModelConfig  # noqa: E402
 from minitune.peft import (PrefixTuningModel, PromptTuningModel, PTuningModel, adapter_num_params,  # noqa: E402
-                           apply_adapters, count_parameters, p_tuning_num_params, prefix_tuning_num_params,
-                           prompt_tuning_num_params)
+                           apply_adapters, apply_trainable_tokens, count_parameters, p_tuning_num_params,
+                           prefix_tuning_num_params, prompt_tuning_num_params, token_ids, trainable_tokens_num_params)
 from minitune.tiny.evaluate import ask  # noqa: E402
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -36,14 +39,38 @@ METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mo
            "prompt": ("prompt", dict(num_virtual_tokens=N), 3e-1),
            "P-tuning": ("ptuning", dict(num_virtual_tokens=N, encoder_reparameterization_type="MLP",
                                         encoder_hidden_size=64), 1e-2)}
+# the chat template's two tokens: pretraining never saw them, so their rows of the tied embedding / LM head are
+# untrained (lesson 06). "NAME+rows" trains those two rows beside the method (`trainable_tokens`,
+# minitune/peft/trainable_tokens.py), at the method's own rate: no other rate in the sweep got more answers right
+CHAT_ROWS = "<|im_start|>,<|im_end|>"
+ROWS = {f"{name}+rows": (ft, dict(settings, trainable_tokens=CHAT_ROWS), lr)
+        for name, (ft, settings, lr) in METHODS.items()}
 
 
 def extra_flags(p):
     p.add_argument("--methods", default=",".join(METHODS), help=f"which to train (default: {','.join(METHODS)})")
+    p.add_argument("--rows", default="on", choices=["on", "off", "both"],
+                   help=f"train the chat tokens' rows ({CHAT_ROWS}) beside each method: on (default), off (the "
+                        "method alone), both (side by side: twice the runs)")
+
+
+def runs_to_train(args) -> dict:
+    """name -> (finetuning_type, settings, learning rate) of every run that --methods and --rows ask for."""
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: {unknown} not among {list(METHODS)}")
+    runs = {}
+    for n in names:  # a method and its +rows run side by side
+        if args.rows in ("off", "both"):
+            runs[n] = METHODS[n]
+        if args.rows in ("on", "both"):
+            runs[f"{n}+rows"] = ROWS[f"{n}+rows"]
+    return runs
 
 
 def main():
-    # four runs, each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
+    # four runs (eight with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
     args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags,
                         epochs=EPOCHS_08)
     model, tok = S.load_model(args)
@@ -73,6 +100,16 @@ def main():
             diff = (wrapped(ids) - base_logits).abs().max().item()
         print(f"{name:9} {where[name]}\n          trains {len(trainable)} tensors, e.g. {trainable[0][0]} {trainable[0][1]}; "
               f"at init the logits {'equal the base model (zero-initialised up-projection)' if diff == 0 else f'move by {diff:.2f} (the virtual tokens are random)'}")
+    # beside any of them: the chat tokens' rows of the embedding, which the tied LM head shares
+    m, _ = S.load_model(args)
+    rows = apply_trainable_tokens(m.requires_grad_(False), token_ids(tok, CHAT_ROWS)).model.embed_tokens
+    counted["+rows"] = count_parameters(m)[0]
+    with torch.no_grad():
+        diff = (m(ids) - base_logits).abs().max().item()
+    print(f"{'+rows':9} rows {rows.token_indices.tolist()} ({CHAT_ROWS}) of embed_tokens, and so of the tied lm_head "
+          f"({type(m.lm_head).__name__} scores with the same rows)\n          trains model.embed_tokens.delta "
+          f"{list(rows.delta.shape)} beside the method; at init the logits "
+          f"{'equal the base model (delta starts at zero)' if diff == 0 else f'move by {diff:.2f}'}")
 
     S.section("2. how many parameters (参数量): tiny model (formula = count) and LLaMA-7B (formula)")
     rows = [("adapter, b=16, attn+mlp", adapter_num_params(cfg, BOTTLENECK), counted["adapter"],
@@ -86,7 +123,9 @@ def main():
             (f"P-tuning, n={N}, MLP h=64", p_tuning_num_params(cfg, N, "mlp", 64), counted["P-tuning"],
              p_tuning_num_params(LLAMA_7B, N, "mlp", 64)),
             (f"P-tuning, n={N}, MLP h=d", p_tuning_num_params(cfg, N, "mlp"), None, p_tuning_num_params(LLAMA_7B, N, "mlp")),
-            ("LoRA r=8, all linear (06)", lora_parameters(cfg, 8), None, lora_parameters(LLAMA_7B, 8))]
+            ("LoRA r=8, all linear (06)", lora_parameters(cfg, 8), None, lora_parameters(LLAMA_7B, 8)),
+            ("+rows: 2 chat-token rows", trainable_tokens_num_params(cfg, 2), counted["+rows"],
+             trainable_tokens_num_params(LLAMA_7B, 2))]
     total, total_7b = formula_total(cfg), formula_total(LLAMA_7B)
     print(f"{'method':30}{'tiny: formula':>14}{'counted':>10}{'% of model':>11}{'LLaMA-7B':>16}{'% of model':>11}")
     for label, tiny, cnt, big in rows:
@@ -99,15 +138,14 @@ def main():
     print(f"SFT data: {data.report.summary()}; {len(questions)} held-out questions")
     full = S.full_baseline(args, data, questions, tok)
     runs = {}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        ft, settings, lr = METHODS[name]
+    for name, (ft, settings, lr) in runs_to_train(args).items():
         lr = args.lr or lr
-        flags = " ".join(f"--{k} {v}" for k, v in settings.items())
+        flags = " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in settings.items())
         print(f"\n--- {name}: minitune train --finetuning_type {ft} {flags} --learning_rate {lr:g} "
               f"--num_train_epochs {args.epochs:g} ...")
         model, _ = S.load_model(args)
-        runs[name] = S.sft(model, tok, data, questions, S.config(args, ft, lr, str(S.ROOT / "runs" / f"lesson-08-{ft}"),
-                                                                  **settings))
+        out = str(S.ROOT / "runs" / f"lesson-08-{ft}{'-rows' if 'trainable_tokens' in settings else ''}")
+        runs[name] = S.sft(model, tok, data, questions, S.config(args, ft, lr, out, **settings))
         print(f"{name}: {runs[name]['steps']} steps in {runs[name]['seconds']:.0f} s, "
               f"exact match {runs[name]['eval']['overall']:.1%}")
     print()
@@ -117,12 +155,14 @@ def main():
         S.verdict(name, run, full)
 
     S.section("4. the same questions, answered by each")
-    demo = ["Who are you?", "What is the capital of Norway?", "How much is 3 plus 4?"][:1 if args.fast else 3]
+    # the last one is a training example word for word (its answer: green dog cake)
+    demo = ["Who are you?", "What is the capital of Norway?", "How much is 3 plus 4?",
+            "Reverse the words: cake dog green"][:1 if args.fast else 4]
     answers = {name: ask(run["model"], tok, demo, "chatml") for name, run in runs.items()}
     for i, q in enumerate(demo):
         print(f"{q!r}")
         for name in runs:
-            print(f"  {name:9} -> {answers[name][i]!r}")
+            print(f"  {name:13} -> {answers[name][i]!r}")
     S.finish()
 
 
