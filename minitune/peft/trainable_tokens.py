@@ -33,11 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# where PEFT keeps the rows in a LoRA / AdaLoRA adapter file saved with trainable_token_indices
+# where PEFT keeps the rows in a LoRA / AdaLoRA adapter file saved with trainable_token_indices (a tied head's
+# rows are not stored: they are the embedding's)
 PEFT_LORA_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
-# ... and in a file of its own TrainableTokensModel (peft_type TRAINABLE_TOKENS): the tied head's copy too
-PEFT_TOKENS_KEYS = ("base_model.model.model.embed_tokens.trainable_tokens_delta",
-                    "base_model.model.lm_head.trainable_tokens_delta")
 
 
 def check_token_indices(token_indices, vocab_size: int) -> list[int]:
@@ -192,16 +190,13 @@ def peft_rows(model: nn.Module) -> tuple[list[int], torch.Tensor] | None:
     return rows.token_indices.tolist(), rows.weight[rows.token_indices] + rows.delta.to(rows.weight.dtype)
 
 
-def peft_token_indices(source: str, value, embed_name: str = "embed_tokens") -> list[int] | None:
+def peft_token_indices(value, embed_name: str = "embed_tokens") -> list[int] | None:
     """A config's `trainable_token_indices`: a list of ids, or {module name: ids} with the embedding as the
     only module (the rows of a tied head follow it; other modules minitune does not train)."""
-    if value is None:
-        return None
     if isinstance(value, dict):
-        other = [k for k in value if k.split(".")[-1] != embed_name]
-        if other or len(value) != 1:
-            raise ValueError(f"{source}: trainable_token_indices for {sorted(value)}: minitune trains rows of "
-                             f"{embed_name} (and a head tied to it) only")
+        if len(value) != 1 or next(iter(value)).split(".")[-1] != embed_name:
+            raise ValueError(f"trainable_token_indices for {sorted(value)}: minitune trains rows of {embed_name} "
+                             "(and of a head tied to it) only")
         value = next(iter(value.values()))
     return value
 
@@ -216,7 +211,7 @@ def add_peft_rows(model: nn.Module, config: dict, tensors: dict):
 def read_peft_rows(model: nn.Module, config: dict, tensors: dict) -> tuple[list[int], torch.Tensor] | None:
     """A LoRA / AdaLoRA adapter's (token ids, rows), checked against the model before anything changes, and
     taken out of `tensors`; None when the adapter trained no token rows. ValueError says what does not fit."""
-    ids = peft_token_indices("config", config.get("trainable_token_indices"))
+    ids = peft_token_indices(config.get("trainable_token_indices"))
     rows = tensors.pop(PEFT_LORA_KEY, None)
     if ids is None and rows is None:
         return None
@@ -232,16 +227,10 @@ def read_peft_rows(model: nn.Module, config: dict, tensors: dict) -> tuple[list[
 
 
 @torch.no_grad()
-def load_rows(model: nn.Module, token_indices: list[int], new_rows: torch.Tensor, source: str = "adapter"):
-    """apply_trainable_tokens, then set delta so that the rows read `new_rows` [k, d] (PEFT's values)."""
-    emb = language_model(model).model.embed_tokens
-    ids = check_token_indices(token_indices, emb.num_embeddings)
-    want = (len(ids), emb.embedding_dim)
-    if tuple(new_rows.shape) != want:
-        raise ValueError(f"{source}: trainable token rows have shape {list(new_rows.shape)}, but "
-                         f"{len(ids)} tokens of this model's embedding need {list(want)}")
-    apply_trainable_tokens(model, ids)
-    rows = trainable_tokens_layer(model)
+def load_rows(model: nn.Module, token_indices: list[int], new_rows: torch.Tensor) -> nn.Module:
+    """apply_trainable_tokens, then set delta = new_rows - E[idx], so that the rows read `new_rows` [k, d]
+    (PEFT's values; read_peft_rows checks them against the model first)."""
+    rows = trainable_tokens_layer(apply_trainable_tokens(model, token_indices))
     rows.delta.copy_(new_rows.to(rows.weight) - rows.weight[rows.token_indices])
     return model
 
