@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning by hand: one method per file (lessons 06-09)."""
 
-from .lora import AdapterError
+from .adapter_files import AdapterError
 from .lora import LoRALinear
 from .lora import apply_lora
 from .lora import count_parameters

@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import (PEFT_PREFIX, AdapterError, _replace, _target_modules_for_config, check_modules, check_shape,
-                   check_supported, match_targets, read_adapter_dir, read_token_rows, UNSUPPORTED, split_peft_name,
-                   write_adapter_dir)
+from .adapter_files import (PEFT_PREFIX, UNSUPPORTED, AdapterError, check_modules, check_shape, check_supported,
+                            read_adapter_dir, read_token_rows, split_peft_name, write_adapter_dir)
+from .lora import _replace, _target_modules_for_config, match_targets
 from .trainable_tokens import add_peft_rows, load_rows
 
 

@@ -14,7 +14,6 @@ Adapters move both ways with Hugging Face PEFT: our module names are HF's, so PE
 `base_model.model.<name>.lora_A.weight` is our `<name>.lora_A.weight`.
 """
 
-import json
 import math
 import re
 from contextlib import contextmanager
@@ -23,54 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..atomic import atomic_dir
 from ..quant.linear4bit import Linear4bit
-from .trainable_tokens import add_peft_rows, load_rows, read_peft_rows
-
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
-
-
-class AdapterError(ValueError):
-    """An adapter folder that does not fit the model; the message names the file and the tensor."""
-
-
-class LoRAFunction(torch.autograd.Function):
-    """LoRALinear's forward without dropout, x [N, in] -> y [N, out], and its backward written out:
-
-        u = x A^T                    [N, r]
-        y = x W0^T + b + u (s B)^T   [N, out]
-        dB = s gy^T u    du = gy (s B)    dA = du^T x    dx = gy W0 + du A
-
-    Autograd, given the same forward, would make dx as two [N, in] matmul outputs (x feeds both W0
-    and A) and add them, and multiply the [N, r] activation and its gradient by s. Here s is folded
-    into the small B, and the wide matmul with W0 accumulates into the thin one's output (addmm_,
-    beta = 1), so y and dx are each one tensor, with no separate add over them.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w0, bias, a, b, s):
-        sb = b * s  # [out, r]
-        u = x @ a.t()
-        y = F.linear(u, sb, bias).addmm_(x, w0.t())
-        ctx.save_for_backward(x, w0, a, sb, u)
-        ctx.s = s
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w0, a, sb, u = ctx.saved_tensors
-        need_x, need_w0, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        du = gy @ sb  # [N, r]
-        dx = (du @ a).addmm_(gy, w0) if need_x else None
-        dw0 = gy.t() @ x if need_w0 else None  # only if the caller unfroze the base layer
-        dbias = gy.sum(0) if need_bias else None
-        da = du.t() @ x if need_a else None
-        db = (gy.t() @ u).mul_(ctx.s) if need_b else None
-        return dx, dw0, dbias, da, db, None
+from .adapter_files import (PEFT_PREFIX, UNSUPPORTED, AdapterError, check_modules, check_shape, check_supported,
+                            read_adapter_dir, read_token_rows, split_peft_name, write_adapter_dir)
+from .lora_backward import LoRAFunction
+from .trainable_tokens import add_peft_rows, load_rows
 
 
 class LoRALinear(nn.Module):
@@ -268,16 +225,6 @@ def _target_modules_for_config(model: nn.Module, names: list[str]):
     return leaves if set(match_targets(model, leaves)) == set(names) else names
 
 
-def write_adapter_dir(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """adapter_config.json + adapter_model.safetensors, written atomically (minitune.atomic), so a
-    crash never leaves half an adapter behind."""
-    with atomic_dir(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return Path(out_dir)
-
-
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
     """Write the LoRA adapter in PEFT's layout, loadable by `peft.PeftModel.from_pretrained`."""
     layers = lora_layers(model)
@@ -302,71 +249,6 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     tensors = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
     add_peft_rows(model, config, tensors)  # trainable token rows, if any: trainable_token_indices + their rows
     return write_adapter_dir(out_dir, config, tensors)
-
-
-def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
-    """(config file, config, weights file, tensors with PEFT's names) of an adapter folder."""
-    path = Path(path)
-    cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, w_file):
-        if not f.exists():
-            present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-            raise AdapterError(f"{f}: not found (folder holds {present})")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
-    with safe_open(str(w_file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return cfg_file, config, w_file, tensors
-
-
-# config fields minitune cannot honour: loading would silently give a different model
-UNSUPPORTED = dict(use_dora=False, lora_bias=False, fan_in_fan_out=False, modules_to_save=None, rank_pattern={},
-                   alpha_pattern={}, layers_to_transform=None, exclude_modules=None, layer_replication=None,
-                   target_parameters=None, alora_invocation_tokens=None)
-
-
-def check_supported(cfg_file: Path, config: dict, fields: dict):
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{cfg_file}: bias={config['bias']!r} is not supported (minitune trains no biases)")
-    for key, ok in fields.items():
-        if config.get(key, ok) not in (ok, None, {}, [], False):
-            raise AdapterError(f"{cfg_file}: {key}={config[key]!r} is not supported by minitune")
-
-
-def split_peft_name(w_file: Path, key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A.weight')."""
-    for s in suffixes:
-        if key.startswith(PEFT_PREFIX) and key.endswith("." + s):
-            return key[len(PEFT_PREFIX):-len(s) - 1], s
-    raise AdapterError(f"{w_file}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.{{{', '.join(suffixes)}}})")
-
-
-def check_modules(model, names: list[str], by_module: dict, cfg_file: Path, w_file: Path):
-    """The adapter's tensors and the modules its config targets must be the same set: no partial loads."""
-    missing = [n for n in names if n not in by_module]
-    extra = [n for n in by_module if n not in names]
-    if missing:
-        raise AdapterError(f"{w_file}: no adapter tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''} "
-                           f"which {cfg_file.name} targets")
-    if extra:
-        raise AdapterError(f"{w_file}: tensors for {extra[:4]} which {cfg_file.name}'s target_modules do not "
-                           "select in this model (adapter made for a different model?)")
-
-
-def check_shape(w_file: Path, key: str, got, want, what: str):
-    if tuple(got) != tuple(want):
-        raise AdapterError(f"{w_file}: tensor {key!r} has shape {list(got)}, but {what} needs {list(want)}")
-
-
-def read_token_rows(model, cfg_file: Path, config: dict, w_file: Path, tensors: dict):
-    """trainable_token_indices and their rows (minitune.peft.trainable_tokens), checked and taken out of
-    `tensors`; None when the adapter has none."""
-    try:
-        return read_peft_rows(model, config, tensors)
-    except ValueError as e:
-        raise AdapterError(f"{cfg_file} / {w_file.name}: {e}") from None
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
