@@ -313,7 +313,8 @@ def run_rl(cfg: TrainConfig):
     if cfg.reward_model:
         reward = load_reward_model(cfg.reward_model, device=device)[0]
     else:
-        reward = text_reward(preference_score if cfg.stage == "ppo" else arithmetic_reward, tok, stops)
+        # the rule reads the user's message, which it finds by the prompts' template
+        reward = text_reward(preference_score if cfg.stage == "ppo" else arithmetic_reward, tok, stops, cfg.template)
     mini = cfg.per_device_train_batch_size
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
     log = str(Path(cfg.output_dir) / "trainer_log.jsonl")
@@ -324,7 +325,8 @@ def run_rl(cfg: TrainConfig):
                        adap_kl_ctrl=cfg.ppo_target is not None, target_kl=cfg.ppo_target or 6.0,
                        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
                        seed=cfg.seed, log_path=log)
-        records = train_ppo(actor, RewardModel(base).to(device), reference, reward, prompts, rl, stops, pad)
+        critic = RewardModel(base, init_std=0.0).to(device)  # a zero value head: V = 0 until it learns (lesson 11)
+        records = train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad)
     else:
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
         rl = GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,

@@ -179,3 +179,30 @@ def test_cli_trains_ppo_and_grpo_stages(tmp_path, stage, finetuning_type):
     records = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert len(records) == 1 and "kl" in records[0] and "repetition_rate" in records[0]
     assert (out / ("adapter_model.safetensors" if finetuning_type == "lora" else "config.json")).exists()
+
+
+@pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(), reason="weights/tiny is not built yet")
+def test_cli_ppo_rule_reads_the_user_message_of_the_runs_template_and_the_critic_starts_at_zero(tmp_path, monkeypatch):
+    import json
+
+    import minitune.rlhf
+    from minitune.cli import main
+    from minitune.tiny.evaluate import stop_ids
+
+    seen = {}
+
+    def fake_train_ppo(actor, critic, reference, reward, prompts, cfg, stops, pad):
+        seen.update(critic=critic, reward=reward, prompts=prompts, stops=stops)
+        return [{"seconds": 0.0, "reward": 0.0, "kl": 0.0}]
+
+    monkeypatch.setattr(minitune.rlhf, "train_ppo", fake_train_ppo)
+    data = tmp_path / "prompts.jsonl"
+    row = {"instruction": "Reverse the words: sun fish apple", "input": "", "output": "-"}  # PPO samples its own reply
+    data.write_text(json.dumps(row) + "\n")
+    main(["train", "--stage", "ppo", "--finetuning_type", "lora", "--template", "alpaca", "--model_name_or_path",
+          str(ROOT / "weights/tiny"), "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    tok = minitune.load_pretrained(ROOT / "weights/tiny")[1]
+    reply = tok.encode("apple fish sun.") + seen["stops"][:1]
+    assert seen["reward"](seen["prompts"][0], reply) == 3.0  # +2 the reversal is right, +1 the full stop
+    assert not seen["critic"].value_head.weight.any()  # V = 0 everywhere before the critic learns
+    assert seen["stops"] == stop_ids(tok)
