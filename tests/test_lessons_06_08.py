@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("lesson,expect", [
     ("06-lora", ["B = 0", "LLaMA-7B", "LoRA r=16", "merged", "adapter_config.json", "read back"]),
     ("07-adalora", ["Λ = 0", "budget", "kept", "final rank of every adapted layer", "rank_pattern"]),
-    ("08-peft-families", ["adapter", "prefix", "prompt", "P-tuning", "LLaMA-7B", "exact match"]),
+    ("08-peft-families", ["adapter", "prefix", "prompt", "P-tuning", "LoRA+rows", "LLaMA-7B", "exact match"]),
 ])
 def test_lesson_runs_in_fast_mode(lesson, expect):
     if not (TINY / "config.json").is_file() or not (TINY / "data" / "eval.jsonl").is_file():

@@ -4,8 +4,9 @@
     python lessons/08-peft-families/run.py --fast     # CI: a few steps each, a few questions
 
 1. where each method puts its parameters, checked on the model: adapters (additive), prefix tuning,
-   prompt tuning and P-tuning (soft prompts); LoRA (reparameterisation) is lessons 06-07; and the chat
-   tokens' rows of the embedding (trainable tokens), which any of them can train as well;
+   prompt tuning and P-tuning (soft prompts), a small LoRA (reparameterisation, lessons 06-07) with about
+   the adapter's parameter count; and the chat tokens' rows of the embedding (trainable tokens), which any
+   of them can train as well;
 2. how many parameters: the tiny model (formula vs count) and LLaMA-7B (formula);
 3. each method trained on lesson 05's data and schedule, evaluated the same way, beside full fine-tuning:
    with the chat-token rows (--rows on, the default), without (off), or both side by side;
@@ -24,21 +25,23 @@ from minitune.memory import count_parameters as formula_total  # noqa: E402
 from minitune.memory import lora_parameters  # noqa: E402
 from minitune.model import ModelConfig  # noqa: E402
 from minitune.peft import (PrefixTuningModel, PromptTuningModel, PTuningModel, adapter_num_params,  # noqa: E402
-                           apply_adapters, apply_trainable_tokens, count_parameters, p_tuning_num_params,
+                           apply_adapters, apply_lora, apply_trainable_tokens, count_parameters, p_tuning_num_params,
                            prefix_tuning_num_params, prompt_tuning_num_params, token_ids, trainable_tokens_num_params)
 from minitune.tiny.evaluate import ask  # noqa: E402
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
-N, BOTTLENECK = 20, 16  # virtual tokens; adapter width
-EPOCHS_08 = S.PEFT_EPOCHS  # as lessons 06 and 07; lower it (--epochs) on a slow machine: four runs follow
+N, BOTTLENECK, RANK = 20, 16, 4  # virtual tokens; adapter width; LoRA rank (55,296 weights, the adapter has 50,816)
+EPOCHS_08 = S.PEFT_EPOCHS  # as lessons 06 and 07; lower it (--epochs) on a slow machine: five runs follow
 # name -> (finetuning_type, its settings for `minitune train`, learning rate): each rate is the one with the lowest
 # held-out loss in a short sweep on weights/tiny (README); soft prompts want far larger steps than weights do
 METHODS = {"adapter": ("adapter", dict(adapter_bottleneck=BOTTLENECK, adapter_mode="serial"), 1e-2),
            "prefix": ("prefix", dict(num_virtual_tokens=N), 1e-1),
            "prompt": ("prompt", dict(num_virtual_tokens=N), 3e-1),
            "P-tuning": ("ptuning", dict(num_virtual_tokens=N, encoder_reparameterization_type="MLP",
-                                        encoder_hidden_size=64), 1e-2)}
+                                        encoder_hidden_size=64), 1e-2),
+           # the third family, at lesson 06's rate and alpha = 2r, on every linear layer of the blocks
+           "LoRA": ("lora", dict(lora_rank=RANK, lora_alpha=2 * RANK, lora_target="all"), 2e-3)}
 # the chat template's two tokens: pretraining never saw them, so their rows of the tied embedding / LM head are
 # untrained (lesson 06). "NAME+rows" trains those two rows beside the method (`trainable_tokens`,
 # minitune/peft/trainable_tokens.py), at the method's own rate: no other rate in the sweep got more answers right
@@ -70,8 +73,8 @@ def runs_to_train(args) -> dict:
 
 
 def main():
-    # four runs (eight with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
-    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning side by side", lr=None, extra=extra_flags,
+    # five runs (ten with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
+    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning, and LoRA, side by side", lr=None, extra=extra_flags,
                         epochs=EPOCHS_08)
     model, tok = S.load_model(args)
     cfg = model.config
@@ -85,11 +88,13 @@ def main():
         "prefix": lambda m: PrefixTuningModel(m, N),
         "prompt": lambda m: PromptTuningModel(m, N),
         "P-tuning": lambda m: PTuningModel(m, N, "mlp", 64),
+        "LoRA": lambda m: apply_lora(m, RANK, 2 * RANK, targets="all-linear"),
     }
     where = {"adapter": "a bottleneck MLP after attention and after the MLP of every block (additive)",
              "prefix": "n key/value vectors per layer, in the KV cache only (soft prompt, every layer)",
              "prompt": "n input embeddings in front of the prompt (soft prompt, input only)",
-             "P-tuning": "n input embeddings made by a small MLP encoder (soft prompt, reparameterised)"}
+             "P-tuning": "n input embeddings made by a small MLP encoder (soft prompt, reparameterised)",
+             "LoRA": f"a rank-{RANK} update B A beside every linear layer of the blocks (reparameterisation)"}
     counted = {}
     for name, build in builders.items():
         m, _ = S.load_model(args)
@@ -99,7 +104,7 @@ def main():
         with torch.no_grad():
             diff = (wrapped(ids) - base_logits).abs().max().item()
         print(f"{name:9} {where[name]}\n          trains {len(trainable)} tensors, e.g. {trainable[0][0]} {trainable[0][1]}; "
-              f"at init the logits {'equal the base model (zero-initialised up-projection)' if diff == 0 else f'move by {diff:.2f} (the virtual tokens are random)'}")
+              f"at init the logits {'equal the base model (zero-initialised up-projection or B)' if diff == 0 else f'move by {diff:.2f} (the virtual tokens are random)'}")
     # beside any of them: the chat tokens' rows of the embedding, which the tied LM head shares
     m, _ = S.load_model(args)
     rows = apply_trainable_tokens(m.requires_grad_(False), token_ids(tok, CHAT_ROWS)).model.embed_tokens
@@ -123,7 +128,8 @@ def main():
             (f"P-tuning, n={N}, MLP h=64", p_tuning_num_params(cfg, N, "mlp", 64), counted["P-tuning"],
              p_tuning_num_params(LLAMA_7B, N, "mlp", 64)),
             (f"P-tuning, n={N}, MLP h=d", p_tuning_num_params(cfg, N, "mlp"), None, p_tuning_num_params(LLAMA_7B, N, "mlp")),
-            ("LoRA r=8, all linear (06)", lora_parameters(cfg, 8), None, lora_parameters(LLAMA_7B, 8)),
+            (f"LoRA r={RANK}, all linear", lora_parameters(cfg, RANK), counted["LoRA"], lora_parameters(LLAMA_7B, RANK)),
+            ("LoRA r=16, all linear (06)", lora_parameters(cfg, 16), None, lora_parameters(LLAMA_7B, 16)),
             ("+rows: 2 chat-token rows", trainable_tokens_num_params(cfg, 2), counted["+rows"],
              trainable_tokens_num_params(LLAMA_7B, 2))]
     total, total_7b = formula_total(cfg), formula_total(LLAMA_7B)
