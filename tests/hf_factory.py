@@ -71,3 +71,20 @@ def write_checkpoint(kind: str, path, dtype=torch.float32, sharded=False, classi
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the issue's tolerances are stated in."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def write_checkpoints(tmp_path_factory, kinds) -> dict:
+    """kind -> a folder holding that kind's checkpoint; for module-scoped fixtures, since writing
+    the checkpoints is the slow part of a parity test module."""
+    paths = {}
+    for kind in kinds:
+        paths[kind] = tmp_path_factory.mktemp(kind)
+        write_checkpoint(kind, paths[kind])
+    return paths
+
+
+def hf_load(path):
+    """transformers' own model of a checkpoint folder, in eval mode: the oracle side of a parity test."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_factory import rel_error, write_checkpoint
+from hf_factory import hf_load, rel_error, write_checkpoint
 from safetensors.torch import load_file
 
 import minitune
@@ -28,10 +28,6 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2")
     write_checkpoint("qwen2", path)
     return path
-
-
-def hf_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def peft_config(**kw):

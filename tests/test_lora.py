@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_factory import rel_error, write_checkpoint
+from hf_factory import hf_load, rel_error, write_checkpoints
 from safetensors.torch import load_file, save_file
 
 import minitune
@@ -25,15 +25,7 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """One checkpoint per family for the whole module: writing them is the slow part."""
-    paths = {}
-    for kind in KINDS:
-        paths[kind] = tmp_path_factory.mktemp(kind)
-        write_checkpoint(kind, paths[kind])
-    return paths
-
-
-def hf_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    return write_checkpoints(tmp_path_factory, KINDS)
 
 
 def ids(seed=0, shape=(2, 24)):

@@ -4,7 +4,7 @@ in both config.json forms, single-file and sharded, fp32 and bf16; and its saves
 import pytest
 import torch
 import transformers
-from hf_factory import KINDS, rel_error, write_checkpoint
+from hf_factory import KINDS, hf_load, rel_error, write_checkpoint
 
 import minitune
 
@@ -12,10 +12,6 @@ import minitune
 LAYOUTS = [(torch.float32, False, False), (torch.float32, True, True),
            (torch.bfloat16, False, True), (torch.bfloat16, True, False)]
 REL_TOL = 1e-5  # the tolerance; fp32 and bf16 both come out bit-identical today
-
-
-def hf_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_factory import rel_error, write_checkpoint
+from hf_factory import hf_load, rel_error, write_checkpoints
 from safetensors.torch import load_file
 from test_peft_training import logits, run_cli_train, tiny_dir  # noqa: F401  (tiny_dir: a module fixture)
 
@@ -33,15 +33,7 @@ IDS = torch.tensor([[5, 9, 7, 30, 300, 2, 41, 7, 5, 12]])  # every trained token
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    paths = {}
-    for kind in KINDS:
-        paths[kind] = tmp_path_factory.mktemp(kind)
-        write_checkpoint(kind, paths[kind])
-    return paths
-
-
-def hf_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    return write_checkpoints(tmp_path_factory, KINDS)
 
 
 def delta(d=64, seed=1):
