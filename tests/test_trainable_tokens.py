@@ -19,7 +19,7 @@ from minitune.peft import (AdaLoRAConfig, AdapterError, PrefixTuningModel, Promp
                            apply_trainable_tokens, count_parameters, load_adapter, save_adapter, token_ids,
                            unload_trainable_tokens)
 from minitune.peft.trainable_tokens import PEFT_LORA_KEY
-from minitune.train.trainer import causal_lm_loss, head_weight
+from minitune.train.loss import causal_lm_loss, head_weight
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ exactly those k rows:
 k * d numbers train; the tied head, being the same matrix, adds none (an untied head is left alone,
 as PEFT does). E itself stays frozen and shared: `weight` is still the base matrix, and
 `effective_weight()` is E' for code that multiplies by the matrix directly (the fused loss,
-minitune/train/trainer.py:causal_lm_loss).
+minitune/train/loss.py:causal_lm_loss).
 
 This is PEFT's "trainable tokens" (`TrainableTokensConfig`, or `trainable_token_indices` in
 `LoraConfig`), which keeps the head tied to the embedding's rows in the same way. LLaMA-Factory's

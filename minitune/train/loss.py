@@ -16,6 +16,9 @@ softmax - onehot -> times W, and are dropped, so the logits never exist whole. T
 the forward pass, while the chunk's logits are at hand (only when something needs it); the backward
 just scales it by the incoming gradient, a scalar. Rows labelled IGNORE_INDEX (an SFT prompt) never
 reach the head. Same numbers as the plain way up to float rounding: the sums run in another order.
+
+`causal_lm_loss`, the trainer's default loss, takes this path whenever the model lets it (its
+`hidden_states` and a bias-free linear head) and the plain one otherwise.
 """
 
 import torch
@@ -75,3 +78,40 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """sum over rows with labels != IGNORE_INDEX of cross_entropy(h @ weight.T, labels), computed
     chunk by chunk. h [N, H], weight [V, H] (a bias-free head), labels [N] -> fp32 scalar."""
     return LinearCrossEntropy.apply(h, weight, labels)
+
+
+def head_weight(head) -> torch.Tensor | None:
+    """The [V, H] matrix a bias-free linear LM head multiplies by, or None (then the loss calls the model).
+
+    A plain nn.Linear's `weight`; a head whose effective matrix is not its `weight` says so with
+    `effective_weight()` (trainable token rows, minitune/peft/trainable_tokens.py: E + S delta, through
+    which the gradient reaches delta). Any other module (a subclass, a LoRA-wrapped head) is not trusted.
+    """
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    effective = getattr(head, "effective_weight", None)
+    return effective() if callable(effective) else None
+
+
+def causal_lm_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: logits at position t predict labels at t + 1; -100 is skipped.
+
+    Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
+    A model with `hidden_states` and a bias-free linear `lm_head` (Transformer, prompt and prefix
+    tuning, with or without trainable token rows) gets the head and the loss fused chunk by chunk
+    (loss.py: same numbers, no [B, T, V] logits); anything else, e.g. a DDP wrapper, whose forward
+    syncs the gradients, runs model(...), and so does `fused=False`.
+    """
+    # shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
+    # step; the last position gets label -100 instead, since it has nothing to predict
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+    n = (labels != IGNORE_INDEX).sum()
+    weight = head_weight(getattr(model, "lm_head", None)) if fused and hasattr(model, "hidden_states") else None
+    if weight is not None:
+        h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, H]
+        total = linear_cross_entropy(h.flatten(0, 1), weight, labels.flatten())
+    else:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / n.clamp(min=1), n
