@@ -34,7 +34,7 @@ def load_for_inference(args):
     if tok is None:
         raise SystemExit(f"error: {args.model} has no tokenizer files")
     if args.adapter:
-        from .cli import attach_adapter  # rebuilds the training-time method, so it lives with `train`
+        from .finetuning import attach_adapter  # rebuilds the training-time method from its saved settings
 
         model = attach_adapter(model, args.adapter)
     return model.eval(), tok, device

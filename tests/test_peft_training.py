@@ -15,6 +15,7 @@ import torch
 
 import minitune
 import minitune.cli as cli
+import minitune.finetuning as finetuning
 from minitune.cli import main
 from minitune.data import encode_segments, render_segments
 from minitune.model import ModelConfig, Transformer
@@ -111,9 +112,9 @@ def test_each_type_trains_only_its_parameters_and_reloads(ft, tiny_dir, tmp_path
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert "tokenizer.json" in files and "trainer_log.jsonl" in files  # the adapter did not replace output_dir
     assert ({"adapter_config.json", "adapter_model.safetensors"} if ft in ("lora", "adalora")
-            else {cli.METHOD_FILE, cli.METHOD_WEIGHTS}) <= files
+            else {finetuning.METHOD_FILE, finetuning.METHOD_WEIGHTS}) <= files
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    reloaded = cli.attach_adapter(fresh, tmp_path / "out")
+    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(reloaded, ids), logits(base, ids), atol=1e-4)  # and it did learn something
@@ -129,7 +130,7 @@ def test_lora_adapter_is_peft_layout_and_export_merges(tiny_dir, tmp_path, monke
     merged, tok = minitune.load_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert tok is not None and isinstance(merged, Transformer)
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    with_adapter = cli.attach_adapter(fresh, tmp_path / "out")
+    with_adapter = finetuning.attach_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(merged, ids), logits(with_adapter, ids), rtol=1e-4, atol=1e-5)
 
@@ -138,7 +139,7 @@ def test_adalora_export_merges_the_pruned_svd_update(tiny_dir, tmp_path, monkeyp
     run_cli_train(tiny_dir, tmp_path / "out", "adalora", monkeypatch, "--export_dir", str(tmp_path / "merged"))
     merged, _ = minitune.load_pretrained(tmp_path / "merged", dtype=torch.float32)
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    with_adapter = cli.attach_adapter(fresh, tmp_path / "out")
+    with_adapter = finetuning.attach_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(merged, ids), logits(with_adapter, ids), rtol=1e-4, atol=1e-5)
 
@@ -158,7 +159,7 @@ def _adalora_setup(tiny_dir, **kw):
 
 def test_adalora_ranks_shrink_on_schedule_through_the_trainer_hook(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir)
-    hooks = cli.training_hooks(model, cfg, len(data))
+    hooks = finetuning.training_hooks(model, cfg, len(data))
     assert model.adalora_config.total_step == planned_steps(len(data), cfg) == 8
     kept, calls = {}, []
     allocate = hooks["after_step"]
@@ -188,7 +189,7 @@ def test_adalora_ranks_shrink_on_schedule_through_the_trainer_hook(tiny_dir):
 
 def test_adalora_regulariser_joins_the_training_loss_only(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir)
-    hooks = cli.training_hooks(model, cfg, len(data))
+    hooks = finetuning.training_hooks(model, cfg, len(data))
     batch = collate(data[:4])
     from minitune.peft import orth_regularizer
 
@@ -206,7 +207,7 @@ def test_adalora_schedule_too_short_is_a_clear_error(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir, adalora_tinit=5)
     cfg.max_steps = 6
     with pytest.raises(SystemExit, match="AdaLoRA over 6 training steps: tinit=5, tfinal=2"):
-        cli.training_hooks(model, cfg, len(data))
+        finetuning.training_hooks(model, cfg, len(data))
 
 
 def _greedy(model, tok, prompt, n=6):
@@ -267,6 +268,6 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads_onto_nf4(tiny_
     assert any(not torch.equal(model.get_parameter(n), start[n]) for n in trained)
     # the PEFT-layout adapter goes back onto a freshly quantized base with the same outputs
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32, quantize="nf4")
-    reloaded = cli.attach_adapter(fresh, tmp_path / "out")
+    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from test_peft_training import logits, run_cli_train, tiny_dir  # noqa: F401  (t
 
 import minitune
 import minitune.cli as cli
+import minitune.finetuning as finetuning
 from minitune.peft import (AdaLoRAConfig, AdapterError, PrefixTuningModel, PromptTuningModel, PTuningModel,
                            TrainableTokensEmbedding, TrainableTokensHead, apply_adalora, apply_adapters, apply_lora,
                            apply_trainable_tokens, count_parameters, load_adapter, save_adapter, token_ids,
@@ -206,7 +207,7 @@ def test_generate_with_the_kv_cache_sees_the_trained_rows(ckpt):
         model.model.embed_tokens.delta[1] += 50 * h / h.norm() ** 2
     out = minitune.generate(model, IDS, 8)
     assert out[0, IDS.shape[1]] == 7  # the cached decode scores with the trained head row
-    merged = cli.merge_and_unload(model)  # rows folded into E, plain modules back: the same text
+    merged = finetuning.merge_and_unload(model)  # rows folded into E, plain modules back: the same text
     assert type(merged.model.embed_tokens) is torch.nn.Embedding and type(merged.lm_head) is torch.nn.Linear
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     assert torch.equal(minitune.generate(merged, IDS, 8), out)
@@ -277,9 +278,9 @@ def test_cli_train_with_trainable_tokens_saves_them_and_adapter_reads_them_back(
     if ft == "lora":
         assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["trainable_token_indices"] == want
     else:
-        assert json.loads((tmp_path / "out" / cli.METHOD_FILE).read_text())["trainable_token_indices"] == want
+        assert json.loads((tmp_path / "out" / finetuning.METHOD_FILE).read_text())["trainable_token_indices"] == want
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    reloaded = cli.attach_adapter(fresh, tmp_path / "out")
+    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[want[0], 9, 30, want[1], 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 

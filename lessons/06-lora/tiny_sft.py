@@ -24,7 +24,7 @@ import torch
 
 import minitune
 from minitune.classroom.lesson import finish, section  # noqa: F401  (the lessons' shared section timer)
-from minitune.cli import apply_finetuning_type, training_hooks
+from minitune.finetuning import apply_finetuning_type, training_hooks
 from minitune.data import PaddingCollator, prepare_sft
 from minitune.peft import count_parameters
 from minitune.tiny.evaluate import evaluate_tasks
