@@ -369,7 +369,7 @@ def lesson_merge(qlora_model, tok, rows, acc, args):
         with tempfile.TemporaryDirectory() as tmp:
             minitune.save_pretrained(merged, tok, Path(tmp) / "merged")
             size = sum(f.stat().st_size for f in (Path(tmp) / "merged").glob("*.safetensors"))
-            again, _ = minitune.load_pretrained(Path(tmp) / "merged")
+            again, _ = minitune.load_pretrained(Path(tmp) / "merged", device=args.device)
         same = torch.equal(again(ids), merged(ids))
         err16 = ((again(ids).float() - before).abs().max() / before.abs().max()).item()
     print(f"merged in fp32: max |logit difference| / max |logit| = {err32:.1e} (the same function, one matmul)")
