@@ -67,3 +67,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             assert losses[step] == pytest.approx(loss, abs=1e-5)
         # every process holds the same weights as the single process (AdamW magnifies float noise)
         assert torch.allclose(torch.tensor(got["params"]), single_params, atol=1e-4)
+
+
+def test_setup_cuda_names_the_gpu_index_for_a_single_process(monkeypatch):
+    # torch.cuda.set_device rejects a bare torch.device("cuda"): a one-process CUDA run once failed there
+    from minitune.train import distributed
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    device = distributed.setup("cuda")
+    assert device == torch.device("cuda:0") and chosen == [torch.device("cuda:0")]

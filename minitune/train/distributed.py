@@ -31,8 +31,8 @@ def setup(device: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and size > 1:
-        device = f"cuda:{local_rank}"  # one GPU per process
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process; set_device needs the index even for one
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
