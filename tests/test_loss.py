@@ -108,3 +108,16 @@ def test_causal_lm_loss_fused_equals_plain_path(method, tied):  # full fine-tuni
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_log_softmax_in_place_changes_no_bit():
+    # the chunk's logits are overwritten by their log-softmax to save memory: lesson figures must not move
+    torch.manual_seed(0)
+    h, w = torch.randn(50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    labels = torch.randint(0, 30, (50,))
+    total = linear_cross_entropy(h, w, labels)
+    total.backward()
+    logp = torch.log_softmax(h.detach() @ w.detach().t(), dim=-1)  # out of place
+    dz = logp.exp().scatter_add(1, labels[:, None], torch.full((50, 1), -1.0))
+    assert torch.equal(total.detach(), -logp.gather(1, labels[:, None]).sum())
+    assert torch.equal(h.grad, dz @ w.detach()) and torch.equal(w.grad, dz.t() @ h.detach())

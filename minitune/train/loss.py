@@ -47,7 +47,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         step = chunk_rows(*weight.shape)
         for i in range(0, len(y), step):
             z = F.linear(rows[i:i + step], weight)  # [C, V], in the head's (or autocast's) dtype
-            logp = torch.log_softmax(z.float(), dim=-1)
+            # log_softmax overwrites z (when float32) rather than take another 16 MB: fresh memory of
+            # that size costs more here than the arithmetic done in it
+            logp = z.float()
+            torch.log_softmax(logp, dim=-1, out=logp)
             yi = y[i:i + step, None]
             total -= logp.gather(1, yi).sum()
             if need_h or need_w:
