@@ -9,8 +9,12 @@ For each weight shape it reports, as medians over --reps timed runs (CUDA events
     kernel moves: read + written), and the kernel's share of it (goal: >= 70%);
   * bitsandbytes' CUDA dequantize_4bit of the same weight, where importable;
   * a Linear4bit forward vs an nn.Linear in bf16 for a few token counts.
-It also checks that the compiled kernel gives the same bits as the PyTorch reference.
-The machine and library versions go with the figures.  Needs a CUDA GPU.
+Each time is taken two ways: "gpu", the GPU's time alone (the launch is queued
+behind a short busy-wait kernel, so the host's Python and launch cost is not
+counted: this gives the kernel's bandwidth), and "call", events around one call
+from an idle GPU (the host's cost is counted where it exceeds the GPU's: what one
+isolated call costs).  It also checks that the compiled kernel gives the same bits
+as the PyTorch reference.  The machine and library versions go with the figures.  Needs a CUDA GPU.
 """
 import argparse
 import json
@@ -27,14 +31,21 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
 TOKENS = [1, 16, 512, 4096]
 
 
-def timed(fn, reps, warmup=5):
-    """Median milliseconds of fn() over `reps` runs, each timed with CUDA events."""
+def timed(fn, reps, warmup=5, gpu_only=False):
+    """Median milliseconds of fn() over `reps` runs, each timed with CUDA events.
+
+    With gpu_only, the GPU first spins ~0.5 ms (torch.cuda._sleep), so fn's
+    kernels are already queued when the start event is reached: the time is the
+    GPU's alone.  Without it, the GPU idles between runs and waits for the host
+    to issue fn's launches, and that wait is in the time too."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if gpu_only:
+            torch.cuda._sleep(1_000_000)
         start.record()
         fn()
         end.record()
@@ -88,18 +99,21 @@ def bench_dequant(shape, reps):
     identical = torch.equal(out, dequantize_nf4(q, torch.bfloat16))
     moved = nbytes(q) + out.numel() * out.element_size()  # read the 4-bit form, write bf16
 
-    ms = timed(lambda: dequantize_nf4_triton(q, torch.bfloat16), reps)
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms = timed(lambda: dst.copy_(src), reps)  # reads moved/2 bytes, writes moved/2
-    row = {"shape": list(shape), "bytes_moved": moved, "bit_identical_to_reference": identical,
-           "triton_ms": ms, "triton_GBps": moved / ms / 1e6,
-           "copy_ms": copy_ms, "copy_GBps": moved / copy_ms / 1e6}
-    row["triton_vs_copy"] = row["triton_GBps"] / row["copy_GBps"]
-    fn = bnb_dequant(w)
-    if fn is not None:
-        bnb_ms = timed(fn, reps)
-        row.update(bnb_ms=bnb_ms, bnb_GBps=moved / bnb_ms / 1e6, triton_speedup_vs_bnb=bnb_ms / ms)
+    fns = {"triton": lambda: dequantize_nf4_triton(q, torch.bfloat16),
+           "copy": lambda: dst.copy_(src)}  # the copy reads moved/2 bytes, writes moved/2
+    bnb = bnb_dequant(w)
+    if bnb is not None:
+        fns["bnb"] = bnb
+    row = {"shape": list(shape), "bytes_moved": moved, "bit_identical_to_reference": identical}
+    for how in ("gpu", "call"):
+        for name, fn in fns.items():
+            ms = timed(fn, reps, gpu_only=how == "gpu")
+            row[f"{name}_{how}_ms"], row[f"{name}_{how}_GBps"] = ms, moved / ms / 1e6
+        row[f"triton_vs_copy_{how}"] = row[f"triton_{how}_GBps"] / row[f"copy_{how}_GBps"]
+        if bnb is not None:
+            row[f"triton_speedup_vs_bnb_{how}"] = row[f"bnb_{how}_ms"] / row[f"triton_{how}_ms"]
     return row
 
 
@@ -114,9 +128,12 @@ def bench_linear(shape, reps):
     with torch.no_grad():
         for t in TOKENS:
             x = torch.randn(t, in_f, device="cuda", dtype=torch.bfloat16)
-            bf16_ms, nf4_ms = timed(lambda: dense(x), reps), timed(lambda: q4(x), reps)
-            rows.append({"shape": list(shape), "tokens": t, "bf16_ms": bf16_ms,
-                         "nf4_ms": nf4_ms, "nf4_over_bf16": nf4_ms / bf16_ms})
+            row = {"shape": list(shape), "tokens": t}
+            for how in ("call", "gpu"):
+                for name, fn in (("bf16", lambda: dense(x)), ("nf4", lambda: q4(x))):
+                    row[f"{name}_{how}_ms"] = timed(fn, reps, gpu_only=how == "gpu")
+                row[f"nf4_over_bf16_{how}"] = row[f"nf4_{how}_ms"] / row[f"bf16_{how}_ms"]
+            rows.append(row)
     return rows
 
 
@@ -141,16 +158,19 @@ def main():
     for shape in SHAPES:
         row = bench_dequant(shape, args.reps)
         result["dequant"].append(row)
-        bnb = (f"  bnb {row['bnb_GBps']:7.1f} GB/s (triton {row['triton_speedup_vs_bnb']:.2f}x)"
-               if "bnb_GBps" in row else "")
-        print(f"dequant {shape}: triton {row['triton_GBps']:7.1f} GB/s = "
-              f"{100 * row['triton_vs_copy']:.0f}% of copy {row['copy_GBps']:7.1f} GB/s{bnb}"
-              f"  identical={row['bit_identical_to_reference']}")
+        for how in ("gpu", "call"):
+            bnb = (f"  bnb {row[f'bnb_{how}_GBps']:7.1f} GB/s "
+                   f"(triton {row[f'triton_speedup_vs_bnb_{how}']:.2f}x)" if "bnb_gpu_ms" in row else "")
+            print(f"dequant {shape} {how:4}: triton {row[f'triton_{how}_ms']:.4f} ms "
+                  f"{row[f'triton_{how}_GBps']:7.1f} GB/s = {100 * row[f'triton_vs_copy_{how}']:.1f}% "
+                  f"of copy {row[f'copy_{how}_GBps']:7.1f} GB/s{bnb}"
+                  f"  identical={row['bit_identical_to_reference']}")
     for shape in SHAPES[:2]:
         for row in bench_linear(shape, args.reps):
             result["linear"].append(row)
-            print(f"linear {shape} tokens={row['tokens']:5d}: bf16 {row['bf16_ms']:.3f} ms, "
-                  f"nf4 {row['nf4_ms']:.3f} ms ({row['nf4_over_bf16']:.2f}x)")
+            print(f"linear {shape} tokens={row['tokens']:5d}: " + ";  ".join(
+                f"{how} bf16 {row[f'bf16_{how}_ms']:.3f} ms, nf4 {row[f'nf4_{how}_ms']:.3f} ms "
+                f"({row[f'nf4_over_bf16_{how}']:.2f}x)" for how in ("call", "gpu")))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

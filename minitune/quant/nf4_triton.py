@@ -1,8 +1,7 @@
 """NF4 dequantization as a Triton kernel.
 
 Dequantization is a memory-bound gather: read half a byte per weight, write
-2 (bf16/fp16) or 4 (fp32) bytes.  One program handles BYTES packed bytes, i.e.
-2 * BYTES weights, and computes for each weight k (block j = k // blocksize)
+2 (bf16/fp16) or 4 (fp32) bytes.  For each weight k (block j = k // blocksize)
 
     plain NF4:     w_k = NF4_CODE[idx_k] * absmax[j]
     double quant:  w_k = NF4_CODE[idx_k] * (code2[qabsmax[j]] * absmax2[j // 256] + offset)
@@ -12,6 +11,11 @@ are those of the PyTorch reference `dequantize_nf4`, and we forbid the compiler
 to fuse the multiply-add of the scale into one FMA (`enable_fp_fusion=False`):
 an FMA rounds once where the reference rounds twice.  So the result is the same
 bits as the reference (and as bitsandbytes), not merely close.
+
+One program handles ROWS whole absmax blocks, seen as a 2-D tile of
+[ROWS, blocksize // 2] packed bytes: one row per block.  The scale is then
+worked out once per row and broadcast along it, instead of being gathered
+again for every byte (three dependent loads per byte with double quant).
 
 Triton is imported only when the kernel is first used, so `minitune.quant`
 imports on machines without it.  Set TRITON_INTERPRET=1 before triton is
@@ -25,7 +29,11 @@ import torch
 
 from .nf4 import DOUBLE_QUANT_BLOCKSIZE, FLOAT_DTYPES, NF4_CODE, NF4Tensor
 
-BYTES_PER_PROGRAM = 1024  # 2048 weights per program: enough work per launch, fits registers
+# Measured on an H100 (bench/README.md): 1024 bytes (2048 weights) and 4 warps,
+# i.e. 8 packed bytes per thread, beat 2048-8192 bytes and 8-16 warps (likely
+# because many small programs overlap well and leave only a short tail).
+BYTES_PER_PROGRAM = 1024  # more if one absmax block alone is bigger
+NUM_WARPS = 4
 _kernel = None
 _code_cache: dict = {}
 
@@ -53,36 +61,42 @@ def _build_kernel():
         out_ptr,        # bf16 / fp16 / fp32 [n_elements]: the dequantized weight, flat
         n_elements,     # number of weights (may be odd: the last low nibble is padding)
         n_bytes,        # number of packed bytes = ceil(n_elements / 2)
-        BLOCKSIZE: tl.constexpr,      # weights per absmax block (even, so a byte never straddles two)
+        n_blocks,       # number of absmax blocks = ceil(n_elements / BLOCKSIZE)
+        BLOCKSIZE: tl.constexpr,      # weights per absmax block (a power of two, for tl.arange)
         BLOCKSIZE2: tl.constexpr,     # first-level scales per second-level block (256)
         DOUBLE_QUANT: tl.constexpr,   # compile-time switch: one kernel variant per storage format
-        BYTES: tl.constexpr,          # packed bytes per program (a power of two, for tl.arange)
+        ROWS: tl.constexpr,           # absmax blocks per program (a power of two)
     ):
-        # Which slice of the byte array this program owns.  int64 so that tensors
-        # beyond 2^31 weights do not overflow the address arithmetic.
-        pid = tl.program_id(0).to(tl.int64)
-        byte = pid * BYTES + tl.arange(0, BYTES)
+        HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per block (even BLOCKSIZE: no byte straddles two)
+        # The program's first block.  int64 so that tensors beyond 2^31 weights
+        # do not overflow; we move the base pointers once, and the offsets inside
+        # the tile stay small int32 (fewer instructions than int64 everywhere).
+        first = tl.program_id(0).to(tl.int64) * ROWS
+        packed_ptr += first * HALF
+        out_ptr += first * BLOCKSIZE
+        rows = tl.arange(0, ROWS)
+        byte = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [ROWS, HALF], row-major = memory order
         # The last program may run past the end: masked lanes load a harmless 0.
-        in_range = byte < n_bytes
-        packed = tl.load(packed_ptr + byte, mask=in_range, other=0)
+        packed = tl.load(packed_ptr + byte, mask=byte < n_bytes - first * HALF, other=0)
 
         # Split the byte: element 2*byte is the high nibble, 2*byte + 1 the low one.
         idx_hi = (packed >> 4).to(tl.int32)
         idx_lo = (packed & 0x0F).to(tl.int32)
 
-        # Both elements of a byte share one absmax block, because BLOCKSIZE is even.
-        block = byte // (BLOCKSIZE // 2)
+        # One scale per row (a [ROWS] vector), not one per byte.
+        block = first + rows
+        has_block = block < n_blocks
         if DOUBLE_QUANT:
             # Level 2: the 8-bit scale index selects a value of the dynamic map,
-            q_scale = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-            code2 = tl.load(code2_ptr + q_scale, mask=in_range, other=0.0)
+            q_scale = tl.load(absmax_ptr + block, mask=has_block, other=0).to(tl.int32)
+            code2 = tl.load(code2_ptr + q_scale)
             # scaled by its block-of-256 scale and shifted back by the mean.
-            absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0)
-            offset = tl.load(offset_ptr)
+            absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=has_block, other=0.0)
             # Product, then sum: two roundings, like the reference (no FMA, see launch).
-            scale = code2 * absmax2 + offset
+            scale = code2 * absmax2 + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+            scale = tl.load(absmax_ptr + block, mask=has_block, other=0.0)
+        scale = scale[:, None]  # broadcast along the row
 
         # Level 1: look the 4-bit indices up in the 16-entry NF4 table (it stays
         # in L1 cache) and multiply by the block's scale, in float32.
@@ -90,7 +104,7 @@ def _build_kernel():
         w_lo = tl.load(code_ptr + idx_lo) * scale
 
         # Put the two halves back in memory order: hi0, lo0, hi1, lo1, ...
-        # (interleave turns two [BYTES] vectors into one [2 * BYTES] vector).
+        # (interleave joins two [ROWS, HALF] tiles into one [ROWS, BLOCKSIZE]).
         w = tl.interleave(w_hi, w_lo)
         # One rounding to the output dtype, round-to-nearest-even like torch.
         if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -105,9 +119,9 @@ def _build_kernel():
         else:
             w = w.to(out_ptr.dtype.element_ty)
 
-        # Contiguous store of 2 * BYTES weights; drop the padding nibble and the tail.
-        elem = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-        tl.store(out_ptr + elem, w, mask=elem < n_elements)
+        # Contiguous store of the whole tile; drop the padding nibble and the tail.
+        elem = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + elem, w, mask=elem < n_elements - first * BLOCKSIZE)
 
     return nf4_dequant_kernel
 
@@ -132,18 +146,20 @@ def dequantize_nf4_triton(q: NF4Tensor, out_dtype: Optional[torch.dtype] = None)
         _kernel = _build_kernel()
     device = q.packed.device
     out = torch.empty(q.numel, dtype=out_dtype, device=device)
-    n_bytes = q.packed.numel()
+    n_blocks = q.absmax.numel()
     if q.double_quant:
         absmax2, code2, offset = q.absmax2, q.code2, q.offset.reshape(1)
     else:  # unused by this kernel variant; any valid pointer will do
         absmax2 = code2 = offset = q.absmax
-    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
-    options = {} if device.type == "cpu" else {"enable_fp_fusion": False}
+    # Whole blocks per program: at least one, even when a block alone is bigger.
+    rows = max(1, BYTES_PER_PROGRAM // (q.blocksize // 2))
+    grid = (triton.cdiv(n_blocks, rows),)
+    options = {} if device.type == "cpu" else {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
     _kernel[grid](
         q.packed, q.absmax, _code_on(device), absmax2, code2, offset, out,
-        q.numel, n_bytes,
+        q.numel, q.packed.numel(), n_blocks,
         BLOCKSIZE=q.blocksize, BLOCKSIZE2=DOUBLE_QUANT_BLOCKSIZE,
-        DOUBLE_QUANT=q.double_quant, BYTES=BYTES_PER_PROGRAM,
+        DOUBLE_QUANT=q.double_quant, ROWS=rows,
         **options,
     )
     return out.view(q.shape)
