@@ -36,6 +36,7 @@ from tqdm import tqdm
 from . import distributed as dist
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .evaluate import evaluate_metrics, split_output, to_device
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .optim import make_optimizer
 from .plot import plot_log
@@ -78,42 +79,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed
     run and every DDP process compute the same one without being told."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """loss_fn returns (loss, n) or (loss, n, metrics): metrics = {name: mean over the batch's n items},
-    e.g. DPO's reward accuracy; the trainer weights them by n like the loss and logs them."""
-    return out[0], out[1], (out[2] if len(out) > 2 else {})
-
-
-@torch.no_grad()
-def evaluate_metrics(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> tuple[float, dict]:
-    """Token-weighted mean loss (and loss_fn's extra metrics) over `data`; each process takes its
-    share and the sums are all-reduced."""
-    was_training = model.training
-    model.eval()
-    rank, size = dist.world()
-    mine = dist.shard(list(range(len(data))), rank, size)
-    loss_sum, count, sums = 0.0, 0.0, {}
-    for i in range(0, len(mine), batch_size):
-        with autocast():
-            loss, n, metrics = split_output(loss_fn(model, _to(collate([data[j] for j in mine[i:i + batch_size]]), device)))
-        loss_sum, count = loss_sum + float(loss) * float(n), count + float(n)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * float(n)
-    names = sorted(sums)  # the same order on every process
-    loss_sum, count, *values = dist.all_reduce_sum([loss_sum, count] + [sums[k] for k in names], device)
-    model.train(was_training)
-    return loss_sum / max(count, 1.0), {k: v / max(count, 1.0) for k, v in zip(names, values)}
-
-
-def evaluate(model, data: list, collate, loss_fn, batch_size: int, device, autocast) -> float:
-    """Token-weighted mean loss over `data` (each process takes its share; sums are all-reduced)."""
-    return evaluate_metrics(model, data, collate, loss_fn, batch_size, device, autocast)[0]
 
 
 def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
@@ -236,7 +201,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 last = i == A - 1
                 with net.no_sync() if world_size > 1 and not last else nullcontext():
                     with autocast():
-                        loss, n, metrics = split_output(loss_fn(net, _to(batch, device)))
+                        loss, n, metrics = split_output(loss_fn(net, to_device(batch, device)))
                     if int(n) != counts[i]:
                         raise ValueError(f"loss_fn counted {int(n)} items in a batch where count_fn counted "
                                          f"{counts[i]}; pass a count_fn that matches the loss")
