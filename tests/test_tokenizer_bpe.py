@@ -183,10 +183,11 @@ def test_merge_whose_result_is_missing_from_vocab_is_rejected(pair):
         ByteLevelBPE(spec)
 
 
-def test_out_of_range_id_in_decode_is_an_error(pair):
-    _, ours = pair
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        ours.decode([ours.vocab_size + 5])
+def test_an_id_beyond_the_vocabulary_decodes_to_nothing_as_in_hf(pair):
+    # a model's embedding may have more rows than the tokenizer has tokens (Qwen2.5: 151,936 vs 151,665)
+    hf, ours = pair
+    ids = [5, ours.vocab_size + 5, 6]
+    assert ours.decode(ids) == hf.decode(ids) == ours.decode([5, 6])
 
 
 @pytest.mark.parametrize("family,tokenizer_class", [("qwen2", "Qwen2Tokenizer"), ("llama3", "PreTrainedTokenizerFast")])

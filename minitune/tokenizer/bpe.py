@@ -285,7 +285,10 @@ class ByteLevelBPE:
         for i in ids:
             tok = self.id_to_token.get(int(i))
             if tok is None:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+                # An id the tokenizer does not have decodes to nothing, as in HF tokenizers: a model's
+                # embedding often has more rows than its tokenizer has tokens (Qwen2.5: 151,936 rows,
+                # 151,665 tokens), and a sampled padding row must not stop a chat or a lesson.
+                continue
             if skip_special_tokens and int(i) in self.special_ids:
                 continue
             # A token whose characters are all in the byte table is byte-mapped text; an
