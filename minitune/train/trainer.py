@@ -177,6 +177,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
         result.memory_estimate = _print_memory_estimate(model, cfg, train_data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)  # this model's weights, and whatever else the caller holds
 
     def log(record: dict):
         if log_file:
@@ -287,7 +288,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
         if main:
             est = result.memory_estimate
             tqdm.write(f"peak GPU memory allocated: {result.peak_memory_bytes / 1e9:.2f} GB"
-                       + (f" (estimated {est.total / 1e9:.2f} GB)" if est else ""))
+                       + (f" (estimated {est.total / 1e9:.2f} GB)" if est else "")
+                       + f"; {before / 1e9:.2f} GB of it was allocated before training began")
     if main and out and cfg.plot_loss:
         result.plot_path = plot_log(result.log_path, out / PLOT_FILE)
     return result
