@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minitune.memory import count_parameters, estimate_memory, human_bytes, lora_parameters
+from minitune.memory import count_parameters, estimate_memory, human_bytes, lora_parameters, parameter_counts
 from minitune.model import ModelConfig, Transformer
 
 BASE = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6)
@@ -69,3 +69,13 @@ def test_fused_loss_counts_one_chunk_of_logits_not_all_of_them():
     short = dict(batch_size=1, seq_len=512)  # fewer tokens than a chunk: the logits exist whole either way
     assert (estimate_memory(LLAMA2_7B, **short).activations - estimate_memory(LLAMA2_7B, fused_loss=False, **short).activations
             == 512 * h * 4)
+
+
+def test_fp32_weights_under_autocast_count_the_16_bit_copies_autograd_keeps():
+    plain = estimate_memory(LLAMA2_7B, "lora", torch.float32, autocast=True)
+    assert plain.weight_copies == 2 * parameter_counts(LLAMA2_7B)["linear"]
+    full = estimate_memory(LLAMA2_7B, "full", torch.float32, autocast=True)
+    assert full.weight_copies == plain.weight_copies + 2 * LLAMA2_7B.vocab_size * LLAMA2_7B.hidden_size
+    assert estimate_memory(LLAMA2_7B, "lora", torch.bfloat16).weight_copies == 0  # 16-bit weights: no cast
+    assert estimate_memory(LLAMA2_7B, "lora", torch.float32).weight_copies == 0  # no autocast
+    assert "16-bit weight copies" in str(plain) and "16-bit weight copies" not in str(estimate_memory(LLAMA2_7B))

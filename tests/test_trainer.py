@@ -204,3 +204,13 @@ def test_bad_config_names_the_file_and_key(tmp_path, text, message):
 def test_bad_flag_names_the_flag(tmp_path):
     with pytest.raises(TrainConfigError, match=r"command line \(--per_device_train_batch_size\): .* must be int"):
         load_config(None, {"per_device_train_batch_size": "2.5"})
+
+
+def test_memory_estimate_counts_both_sequences_of_a_preference_pair():
+    from minitune.train.trainer import _print_memory_estimate
+    pairs = [{"chosen_input_ids": [3] * 10, "rejected_input_ids": [3] * 14}, {"chosen_input_ids": [3] * 12,
+                                                                            "rejected_input_ids": [3] * 9}]
+    est = _print_memory_estimate(tiny_model(), cfg(per_device_train_batch_size=4, cutoff_len=64), pairs)
+    assert (est.batch_size, est.seq_len) == (8, 14)  # DPO runs chosen and rejected as 2B rows
+    plain = _print_memory_estimate(tiny_model(), cfg(per_device_train_batch_size=4, cutoff_len=64), toy_data())
+    assert plain.batch_size == 4

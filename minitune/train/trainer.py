@@ -86,14 +86,17 @@ def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
 
     if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
         return None
-    seq_len = min(cfg.cutoff_len, max(len(f.get("input_ids", ())) for f in train_data) or 1)
+    # a preference pair holds two sequences (chosen_input_ids, rejected_input_ids), run as two rows
+    keys = [k for k in train_data[0] if k.endswith("input_ids")] or ["input_ids"]
+    seq_len = min(cfg.cutoff_len, max(len(f.get(k, ())) for f in train_data for k in keys) or 1)
     dtype = next(model.parameters()).dtype
     method = {"freeze": "full", "adalora": "lora"}.get(cfg.finetuning_type, cfg.finetuning_type)
     if method not in ("full", "lora", "qlora"):
         return None  # no formula for adapters and soft prompts (what they train is tiny anyway)
     r = cfg.adalora_init_r if cfg.finetuning_type == "adalora" else cfg.lora_rank
-    est = estimate_memory(model.config, method=method, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
-                          seq_len=seq_len, lora_r=r, autocast=cfg.bf16 or cfg.fp16)
+    rows = cfg.per_device_train_batch_size * len(keys)
+    est = estimate_memory(model.config, method=method, dtype=dtype, batch_size=rows, seq_len=seq_len, lora_r=r,
+                          autocast=cfg.bf16 or cfg.fp16)
     tqdm.write(str(est))
     return est
 
