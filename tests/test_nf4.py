@@ -1,4 +1,6 @@
 """NF4 quantization against bitsandbytes (CPU), the library QLoRA made standard."""
+import copy
+
 import pytest
 import torch
 
@@ -120,7 +122,12 @@ def test_double_quant_dequantize_matches_bitsandbytes(shape, dtype):
     out = dequantize_nf4(quantize_nf4(w, double_quant=True))
     rel = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     assert rel <= 5e-3  # what the issue asks for ...
-    assert torch.equal(out, ref)  # ... and what we get: the same bits
+    # ... and what we get: the same bits as bitsandbytes' float32 result, rounded once to the dtype.
+    # (Its own fp16 output matches that on AMD; on an Intel Xeon its CPU kernel left 5-30 values per
+    # tensor one fp16 step away, so a test against it would depend on the machine.)
+    state32 = copy.deepcopy(state)
+    state32.dtype = torch.float32
+    assert torch.equal(out, bnb_dequantize(packed, state32, w.shape).to(dtype))
 
 
 def test_double_quant_single_block_of_scales_matches_bitsandbytes():
