@@ -15,7 +15,8 @@ import torch
 
 from . import chat
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
-from .train.config import FIELDS, PEFT_TYPES, TrainConfig, TrainConfigError, coerce, flag_help, load_config
+from .train.config import PEFT_TYPES, TrainConfig, TrainConfigError
+from .train.config_file import FIELDS, coerce, flag_help, load_config
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below

@@ -4,7 +4,8 @@
     result = train(model, data.train, cfg, val_data=data.val, collate=PaddingCollator(tok), tokenizer=tok)
 """
 
-from .config import TrainConfig, TrainConfigError, load_config
+from .config import TrainConfig, TrainConfigError
+from .config_file import load_config
 from .evaluate import evaluate
 from .optim import make_optimizer, param_groups
 from .schedule import lr_lambda, make_scheduler
