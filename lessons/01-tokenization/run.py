@@ -14,8 +14,9 @@ import sentencepiece as spm
 from minitune.classroom.lesson import finish, parse_args, section, train_small_bpe
 from minitune.data import TEMPLATES, render, show_loss_mask, tokenize_conversation
 from minitune.tokenizer import load_tokenizer
-from minitune.tokenizer.bpe import GPT2_PATTERN, bytes_to_unicode
+from minitune.tokenizer.bpe import bytes_to_unicode
 from minitune.tokenizer.bpe_trainer import LLAMA3_PATTERN, QWEN2_PATTERN, count_words
+from minitune.tokenizer.pre_tokenizer import GPT2_PATTERN
 from minitune.tokenizer.sample_text import mixed_text
 
 args = parse_args(__doc__)

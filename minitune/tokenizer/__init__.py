@@ -3,7 +3,8 @@
 Two kinds of files cover the models minitune loads:
 
 * ``tokenizer.json`` with a byte-level BPE (Qwen2/2.5/3, LLaMA-3, GPT-2): read
-  and run in pure Python by :mod:`minitune.tokenizer.bpe`;
+  and run in pure Python by :mod:`minitune.tokenizer.bpe` (the text cut before
+  BPE: :mod:`minitune.tokenizer.pre_tokenizer`);
 * ``tokenizer.model``, a SentencePiece model (LLaMA-2): run by the
   ``sentencepiece`` package through :mod:`minitune.tokenizer.spm`.
 

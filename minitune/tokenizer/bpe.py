@@ -12,7 +12,8 @@ The encode pipeline, in the order ``tokenizers`` applies it:
 1. cut out added/special tokens (``<|im_start|>``...), longest match first;
 2. normalize each remaining piece (NFC for Qwen, nothing for LLaMA-3);
 3. pre-tokenize: split with the regex stored in the file (``Split``), or the
-   GPT-2 regex for a plain ``ByteLevel`` pre-tokenizer with ``use_regex``;
+   GPT-2 regex for a plain ``ByteLevel`` pre-tokenizer with ``use_regex``
+   (steps 2 and 3 are read and run by pre_tokenizer.py);
 4. map each pre-token's bytes to their printable characters;
 5. run BPE merges on each pre-token (cached: words repeat a lot).
 
@@ -22,14 +23,14 @@ UTF-8 with ``errors="replace"``, as the ``ByteLevel`` decoder does.
 from __future__ import annotations
 
 import json
-import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
 import regex
 
-# The regex that a ByteLevel pre-tokenizer with use_regex=true applies (GPT-2's).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# TokenizerFileError is defined there (this file imports that one, not the other way round), so the
+# pre-tokenizer reader and the BPE reader below raise the same error.
+from .pre_tokenizer import TokenizerFileError, pre_tokenize, read_normalizer, read_pre_tokenizer
 
 
 @lru_cache(maxsize=1)
@@ -54,59 +55,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _NEVER = float("inf")
-
-
-class TokenizerFileError(ValueError):
-    """A tokenizer file is missing a part, or uses a feature we do not implement."""
-
-
-def _normalizer(spec: dict | None, where: str):
-    """Return a str -> str function for the file's normalizer (unicode forms only)."""
-    if spec is None:
-        return None
-    kind = spec.get("type")
-    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
-        return lambda s: unicodedata.normalize(kind, s)
-    if kind == "Sequence":
-        steps = [f for f in (_normalizer(s, where) for s in spec.get("normalizers", [])) if f]
-        if not steps:
-            return None
-
-        def run(s: str) -> str:
-            for f in steps:
-                s = f(s)
-            return s
-        return run
-    raise TokenizerFileError(f"{where}: normalizer {kind!r} is not supported (only NFC/NFD/NFKC/NFKD or none)")
-
-
-def _pre_tokenizer(spec: dict | None, where: str) -> list:
-    """Read the pre-tokenizer into its steps, in order: ("split", regex) or ("prefix", None)."""
-    if spec is None:
-        raise TokenizerFileError(f"{where}: no pre_tokenizer; byte-level BPE needs a ByteLevel pre-tokenizer")
-    parts = spec["pretokenizers"] if spec.get("type") == "Sequence" else [spec]
-    steps, byte_level = [], False
-    for p in parts:
-        kind = p.get("type")
-        if kind == "Split":
-            if p.get("behavior") != "Isolated" or p.get("invert"):
-                raise TokenizerFileError(f"{where}: Split behavior {p.get('behavior')!r}/invert={p.get('invert')} "
-                                         "is not supported (only Isolated, invert=false)")
-            pat = p["pattern"]
-            # A "String" pattern is a literal; a "Regex" one is Oniguruma syntax, which the
-            # `regex` package reads the same way for the patterns these models use.
-            steps.append(("split", regex.compile(regex.escape(pat["String"]) if "String" in pat else pat["Regex"])))
-        elif kind == "ByteLevel":
-            byte_level = True
-            if p.get("add_prefix_space", False):
-                steps.append(("prefix", None))
-            if p.get("use_regex", True):
-                steps.append(("split", regex.compile(GPT2_PATTERN)))
-        else:
-            raise TokenizerFileError(f"{where}: pre-tokenizer {kind!r} is not supported (Split and ByteLevel only)")
-    if not byte_level:
-        raise TokenizerFileError(f"{where}: not a byte-level BPE (no ByteLevel pre-tokenizer)")
-    return steps
 
 
 def _read_merges(raw: list, where: str) -> list[tuple[str, str]]:
@@ -148,8 +96,8 @@ class ByteLevelBPE:
         for a, b in merges:
             if a + b not in self.vocab:
                 raise TokenizerFileError(f"{where}: merge {a!r} + {b!r} gives {a + b!r}, which is not in the vocab")
-        self.normalize = _normalizer(spec.get("normalizer"), where)
-        self.pre_steps = _pre_tokenizer(spec.get("pre_tokenizer"), where)
+        self.normalize = read_normalizer(spec.get("normalizer"), where)
+        self.pre_steps = read_pre_tokenizer(spec.get("pre_tokenizer"), where)
 
         self.added: dict[str, int] = {}     # added token text -> id
         self.special_ids: set[int] = set()
@@ -228,12 +176,7 @@ class ByteLevelBPE:
         """Encode text that holds no added token."""
         if self.normalize:
             text = self.normalize(text)
-        pieces = [text]
-        for kind, pat in self.pre_steps:
-            if kind == "prefix":  # GPT-2's add_prefix_space: "Hello" is then cut like " Hello"
-                pieces = [p if p.startswith(" ") else " " + p for p in pieces]
-            else:
-                pieces = [p for piece in pieces for p in _split_isolated(pat, piece)]
+        pieces = pre_tokenize(text, self.pre_steps)
         cache, enc = self.cache, self.byte_encoder
         for piece in pieces:
             ids = cache.get(piece)
@@ -307,19 +250,3 @@ class ByteLevelBPE:
 
 def _is_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
-
-
-def _split_isolated(pat: regex.Pattern, text: str) -> list[str]:
-    """Split ``text`` into the regex matches plus the gaps between them ("Isolated")."""
-    found = None if pat.groups else pat.findall(text)  # findall gives groups, not matches, if any
-    if found is not None and sum(map(len, found)) == len(text):  # the usual case: the matches cover everything
-        return found
-    out, pos = [], 0
-    for m in pat.finditer(text):
-        if m.start() > pos:
-            out.append(text[pos:m.start()])
-        out.append(m.group())
-        pos = m.end()
-    if pos < len(text):
-        out.append(text[pos:])
-    return out
