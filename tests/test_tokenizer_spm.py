@@ -56,6 +56,13 @@ def test_decode_round_trips_exactly(model_dir, sp, text):
     assert tok.decode(ids) == sp.decode(ids) == text
 
 
+def test_an_id_beyond_the_vocabulary_decodes_to_nothing(model_dir, sp):
+    # as bpe.py and HF's fast tokenizers do: a model's embedding may have rows the tokenizer lacks
+    tok = load_tokenizer(model_dir)
+    ids = tok.encode("hello world")
+    assert tok.decode(ids[:1] + [tok.vocab_size + 7] + ids[1:]) == sp.decode(ids) == "hello world"
+
+
 def test_bos_eos_come_from_the_model_when_no_config(model_dir, sp):
     tok = load_tokenizer(model_dir)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (sp.bos_id(), sp.eos_id(), None) == (1, 2, None)

@@ -68,7 +68,7 @@ class SentencePieceModel:
         size = self.vocab_size
         for i in map(int, ids):
             if not 0 <= i < size:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {size})")
+                continue  # an id beyond the tokenizer (a padded embedding row) decodes to nothing, as in bpe.py
             if i in self.id_to_added:
                 if run:
                     parts.append(self.sp.decode(run))
