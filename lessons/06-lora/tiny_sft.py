@@ -56,6 +56,9 @@ def parse_args(description: str, lr: float | None, extra=None, epochs: float = E
     p.add_argument("--lr", type=float, default=lr,
                    help=f"learning rate of the method (default: {lr if lr is not None else 'per method'})")
     p.add_argument("--remeasure", action="store_true", help="train the full fine-tuning baseline again")
+    p.add_argument("--seed", type=int, default=LESSON_05["seed"],
+                   help="training seed: new parameters' init and the order of examples (default 0; the "
+                        "train/held-out split stays lesson 05's). Another seed measures how far a score spreads")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for models under 50M parameters, whose small matrices gain "
                         "nothing from a second thread, as lesson 05; else torch's default)")
@@ -91,7 +94,7 @@ def tiny_world(args, tok):
 
 
 def config(args, finetuning_type: str, lr: float, out: str, epochs: float | None = None, **peft) -> TrainConfig:
-    return TrainConfig(**LESSON_05, finetuning_type=finetuning_type, learning_rate=lr,
+    return TrainConfig(**{**LESSON_05, "seed": args.seed}, finetuning_type=finetuning_type, learning_rate=lr,
                        num_train_epochs=epochs or args.epochs,
                        max_steps=FAST_STEPS if args.fast else None, logging_steps=5, save_steps=0, output_dir=out,
                        bf16=args.dtype == "bfloat16", device=args.device, **peft)
