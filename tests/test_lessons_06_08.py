@@ -58,8 +58,10 @@ def test_lessons_06_08_use_lesson_05s_settings():
     default = lambda flag: float(re.search(rf'"--{flag}", type=float, default=([^,)]+)', text).group(1))  # noqa: E731
     assert (default("epochs"), default("lr")) == (tiny_sft.EPOCHS, tiny_sft.FULL_LR)
     call = re.search(r"TrainConfig\((.*?)\)\n", text, re.S).group(1)
+    assert re.search(r"\bseed=args\.seed\b", call) and re.search(r'"--seed", type=int, default=0\b', text)
+    assert tiny_sft.LESSON_05["seed"] == 0  # both lessons' --seed default
     for key, value in tiny_sft.LESSON_05.items():
-        if key != "template":
+        if key not in ("template", "seed"):
             shown = f'"{value}"' if isinstance(value, str) else repr(value)
             assert re.search(rf"\b{key}={re.escape(shown)}", call), f"lesson 05 no longer uses {key}={shown}"
     assert "prepare_sft(data_dir / \"sft_alpaca.jsonl\", tok, args.template, cutoff_len=96, val_size=0.05, seed=0)" in text

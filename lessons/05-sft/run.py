@@ -55,6 +55,9 @@ def parse_args():
     p.add_argument("--epochs", type=float, default=10.0, help="num_train_epochs (default 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3 suits the 2M-parameter tiny model; "
                                                           "use ~1e-5 for a real 0.5B model)")
+    p.add_argument("--seed", type=int, default=0, help="training seed: the order of examples (default 0; the "
+                                                        "train/held-out split stays seed 0's). Another seed measures "
+                                                        "how far the score spreads")
     p.add_argument("--out", default="runs/lesson-05", help="where the log and training_loss.png go")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for models under 50M parameters, whose small matrices "
@@ -111,7 +114,7 @@ def main():
                       per_device_train_batch_size=8, gradient_accumulation_steps=1, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, weight_decay=0.0, logging_steps=2 if args.fast else 5, eval_steps=20,
                       save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16",
-                      seed=0, device=args.device)
+                      seed=args.seed, device=args.device)
     print("config: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "cutoff_len", "val_size", "bf16")))
