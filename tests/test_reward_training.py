@@ -146,3 +146,12 @@ def test_lesson_10_fast_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out reward accuracy" in proc.stdout and "lesson 10 finished" in proc.stdout
+
+
+
+def test_value_head_lands_on_the_backbones_device():
+    """RewardModel(backbone) puts its head where the backbone is: with the head left on the CPU, lesson
+    11 and `minitune train --stage rm` crashed on CUDA. The meta device stands in for a GPU here."""
+    from rlhf_fixtures import CFG
+    rm = RewardModel(fresh_model(CFG).to("meta"))
+    assert {p.device.type for p in rm.parameters()} == {"meta"}

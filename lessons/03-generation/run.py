@@ -80,13 +80,14 @@ print(f"   arithmetic intensity = FLOPs / bytes = {flops / (weight_bytes + kv_re
 
 # measure this machine: a large matmul (compute) and a large copy (memory)
 n = 1024 if args.fast else 2048
-a, b = torch.randn(n, n), torch.randn(n, n)
+a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
 t_mm = timed(lambda: a @ b, repeat=3)
-big = torch.randn(64 * 2**20 // 4)  # 64 MiB: far larger than the CPU caches
+big = torch.randn(64 * 2**20 // 4, device=dev)  # 64 MiB: larger than a CPU's caches or a GPU's L2
 dst = torch.empty_like(big)
 t_copy = timed(lambda: dst.copy_(big), repeat=5)
 flops_s, bytes_s = 2 * n**3 / t_mm, 2 * big.numel() * 4 / t_copy  # a copy reads and writes every byte
-print(f"this machine ({torch.get_num_threads()} threads): matmul {flops_s / 1e9:.1f} GFLOP/s, "
+where = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
+print(f"this machine ({where}): matmul {flops_s / 1e9:.1f} GFLOP/s, "
       f"copy {bytes_s / 1e9:.1f} GB/s -> balance point {flops_s / bytes_s:.1f} FLOP per byte")
 intensity1 = flops / (weight_bytes + kv_read)
 print(f"   batch-1 decoding ({intensity1:.2f} FLOP/byte) is {'below' if intensity1 < flops_s / bytes_s else 'above'} "
@@ -94,11 +95,11 @@ print(f"   batch-1 decoding ({intensity1:.2f} FLOP/byte) is {'below' if intensit
 
 # the proof: one weight matrix times a batch of vectors; time barely grows with the batch
 rows = 2048 if args.fast else 4096
-W = torch.randn(rows, rows)
+W = torch.randn(rows, rows, device=dev)
 print(f"y = linear(x, W) with W {rows}x{rows} fp32 ({W.numel() * 4 / 2**20:.0f} MiB), batch of new tokens:")
 base = None
 for batch in ((1, 4, 16, 64) if args.fast else (1, 4, 16, 64, 256)):
-    x = torch.randn(batch, rows)
+    x = torch.randn(batch, rows, device=dev)
     t = timed(lambda: torch.nn.functional.linear(x, W), repeat=7)
     base = base or t
     intensity = 2 * batch * rows * rows / (W.numel() * 4 + 2 * batch * rows * 4)

@@ -146,7 +146,7 @@ print("the SFT model's greedy replies to held-out prompts, and its probability o
 with torch.no_grad():
     for q, r in zip(shown, ask(sft, tok, shown)):
         ids = prompt_ids(tok, q) + tok.encode(r)
-        p_dot = torch.softmax(sft(torch.tensor([ids]))[0, -1].float(), -1)[dot].item()
+        p_dot = torch.softmax(sft(torch.tensor([ids], device=args.device))[0, -1].float(), -1)[dot].item()
         print(f"  {q!r:52} -> {r!r:16} score {preference_score(q, r):+.0f}, P('.' next) = {p_dot:.1e}")
 
 # --------------------------------------------------------------------------- 3

@@ -111,11 +111,15 @@ def small_model_threads(args) -> None:
 
 
 def timed(fn, repeat: int = 3) -> float:
-    """Best wall time of ``repeat`` calls, in seconds (the best is the least disturbed by other jobs)."""
+    """Best wall time of ``repeat`` calls, in seconds (the best is the least disturbed by other jobs).
+    A GPU runs work queued by the CPU later, so with CUDA in use the clock waits for it on both sides."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     best = float("inf")
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 

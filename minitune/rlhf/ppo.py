@@ -136,7 +136,7 @@ def kl_penalty_rewards(
     rewards = -kl_coef * (logp - ref_logp) * mask_f  # [B, T]
     last = last_token_index(mask)  # [B]; raises on an empty response: no token to pay
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
+    rewards[rows, last] += scores.to(rewards.device, rewards.dtype)
     return rewards
 
 

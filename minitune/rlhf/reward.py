@@ -139,6 +139,8 @@ class RewardModel(nn.Module):
         else:
             nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        # drawn on the CPU above (the same head on every device), then moved to where the backbone is
+        self.value_head.to(next(backbone.parameters()).device)
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A scalar at every position: [B, T] ids -> [B, T] values."""
