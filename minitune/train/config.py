@@ -34,8 +34,8 @@ class TrainConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "sft"  # training stage: sft (later: rm, ppo, dpo)
-    finetuning_type: str = "full"  # which weights train: full | lora | adalora | adapter | prefix | prompt | ptuning
+    stage: str = "sft"  # training stage: sft | rm | dpo | ppo | grpo (kto: a name only, not trained yet)
+    finetuning_type: str = "full"  # which weights train: full | lora | qlora | adalora | adapter | prefix | prompt | ptuning
     model_name_or_path: str | None = None  # checkpoint folder (config.json + safetensors + tokenizer)
     dataset: str | list[str] | None = None  # data file(s): JSON/JSONL in Alpaca, ShareGPT or OpenAI format
     template: str = "chatml"  # chat template name, see minitune.data.TEMPLATES
