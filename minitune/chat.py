@@ -82,7 +82,7 @@ def reply(model, tok, device, args, messages: list[dict] | None, prompt: str | N
     from .data import encode_segments, get_template, render_segments
 
     out = out or sys.stdout
-    stop, stop_ids = "", {tok.eos_id} - {None}
+    stop, stop_ids = "", set(tok.stop_ids) or {tok.eos_id} - {None}  # the model's own stop set, as HF generate
     if messages is not None:
         template = get_template(args.template)
         ids, _ = encode_segments(tok, render_segments(template, messages, add_generation_prompt=True))

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,30 @@ def test_generate_one_prompt(tiny_dir, capsys):
     out = minitune.generate(model, torch.tensor([ids]), 8, eos_id=[tok.eos_id, tok.token_to_id("<|im_end|>")])
     new = [t for t in out[0, len(ids):].tolist() if t not in (tok.eos_id, tok.token_to_id("<|im_end|>"))]
     assert greedy == tok.decode(new) + "\n"
+
+
+def test_generate_stops_where_transformers_generate_stops():
+    """The committed tiny model's generation_config.json lists <|im_end|> and <|endoftext|> as eos; the
+    base model ends a pretraining chat log with <|endoftext|>. `minitune generate` used to stop only at
+    the tokenizer's eos and printed on past it; now it stops where transformers' greedy generate does."""
+    transformers = pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1] / "weights" / "tiny"
+    if not (root / "model.safetensors").exists():
+        pytest.skip("weights/tiny is not built")
+    from minitune.data import encode_segments, render_segments
+
+    tok = minitune.load_pretrained(root)[1]
+    ids, _ = encode_segments(tok, render_segments("chatml", [{"role": "user", "content": "What is 2 plus 3?"}],
+                                                  add_generation_prompt=True))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root)
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert out[-1] == tok.token_to_id("<|endoftext|>") and len(out) < 24  # the case: a stop that is not eos_id
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["generate", "--model", str(root), "--template", "chatml", "--prompt", "What is 2 plus 3?",
+              "--max_new_tokens", "24", "--device", "cpu"])
+    assert buf.getvalue() == tok.decode(out[:-1]) + "\n"
 
 
 def test_chat_through_a_pipe(tiny_dir, monkeypatch, capsys):

@@ -103,3 +103,26 @@ def test_load_pretrained_returns_the_tokenizer_and_save_writes_it_back(tmp_path)
     out = minitune.generate(model, ids, max_new_tokens=8)
     ref = hf_load(tmp_path / "out").generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert hf_tok.decode(ref[0]) == tok.decode(out[0])
+
+
+def test_save_keeps_the_stop_ids_generation_config_listed(tmp_path):
+    """Qwen2.5-Instruct's config.json says eos 151645, its generation_config.json [151645, 151643]:
+    a model saved by minitune must still stop at both in transformers' generate."""
+    import json
+
+    from minitune.tokenizer.bpe_trainer import train_bpe
+
+    write_checkpoint("qwen2", tmp_path / "src")
+    train_bpe(["hello world, this is minitune."] * 20, vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+              eos_token="<|im_end|>").save(tmp_path / "src")
+    model, tok = minitune.load_pretrained(tmp_path / "src")
+    im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    both = sorted([im_end, eot])
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "eos_token_id": im_end}))
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, eot]}))
+    model, tok = minitune.load_pretrained(tmp_path / "src")
+    assert tok.stop_ids == both
+    minitune.save_pretrained(model, tok, tmp_path / "out")
+    assert minitune.load_pretrained(tmp_path / "out")[1].stop_ids == both
+    assert sorted(transformers.GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id) == both

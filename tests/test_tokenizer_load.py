@@ -112,3 +112,24 @@ def test_decode_accepts_a_tensor(tmp_path, bpe_spec):
     tok = load_tokenizer(_folder(tmp_path, bpe_spec))
     ids = tok.encode("hello 你好")
     assert tok.decode(torch.tensor(ids)) == "hello 你好"
+
+
+@pytest.mark.parametrize("files", [
+    {"generation_config__json": {"eos_token_id": [398, 399]}, "config__json": {"eos_token_id": 5}},  # Qwen2.5-Instruct
+    {"generation_config__json": {"eos_token_id": 397}, "config__json": {"eos_token_id": [5, 6]}},
+    {"generation_config__json": {"bos_token_id": 1}, "config__json": {"eos_token_id": [5, 6]}},  # the file wins
+    {"config__json": {"eos_token_id": [397, 5]}},  # no generation_config.json
+])
+def test_stop_ids_are_the_eos_ids_transformers_generate_stops_at(tmp_path, bpe_spec, files):
+    """tok.stop_ids: the eos ids of generation_config.json if it exists, else of config.json (what
+    transformers' from_pretrained puts in model.generation_config), plus eos_id; `minitune generate`
+    and `chat` stop at any of them."""
+    transformers = pytest.importorskip("transformers")
+    d = _folder(tmp_path, bpe_spec, tokenizer_config__json={"eos_token": "<|im_end|>"}, **files)
+    tok = load_tokenizer(d)
+    if (d / "generation_config.json").exists():
+        hf = transformers.GenerationConfig.from_pretrained(d).eos_token_id
+    else:
+        hf = transformers.GenerationConfig.from_model_config(transformers.PretrainedConfig.from_pretrained(d)).eos_token_id
+    hf = hf if isinstance(hf, list) else [] if hf is None else [hf]
+    assert tok.stop_ids == sorted(set(hf) | {tok.eos_id})

@@ -214,6 +214,12 @@ def write_checkpoint_files(model: Transformer, tokenizer, folder: Path, max_shar
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    # keep every stop id the loaded checkpoint had (Qwen2.5-Instruct lists <|endoftext|> beside config.json's eos)
+    eos = gen.get("eos_token_id", [])
+    eos = eos if isinstance(eos, list) else [eos]
+    extra = [i for i in getattr(tokenizer, "stop_ids", []) if i not in eos]
+    if extra:
+        gen["eos_token_id"] = eos + extra
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)

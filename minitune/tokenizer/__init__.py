@@ -39,6 +39,10 @@ class Tokenizer:
     pad_id: int | None = None
     chat_template: str | None = None
     config: dict = field(default_factory=dict)  # tokenizer_config.json as read, rewritten by save()
+    # the ids that end a generation, as transformers' generate() takes them: the eos_token_id of
+    # generation_config.json (else config.json), which may list several (Qwen2.5-Instruct: <|im_end|>
+    # and <|endoftext|>; LLaMA-3.1-Instruct: three), plus eos_id
+    stop_ids: list[int] = field(default_factory=list)
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids. No BOS/EOS is added; special-token strings in the text become their ids."""
@@ -163,7 +167,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
 
     ids = _resolve_special_ids(folder, config, backend)
-    return Tokenizer(backend, chat_template=chat_template, config=config, **ids)
+    return Tokenizer(backend, chat_template=chat_template, config=config, **ids,
+                     stop_ids=_generation_stop_ids(folder, ids["eos_id"]))
+
+
+def _generation_stop_ids(folder: Path, eos_id: int | None) -> list[int]:
+    """generation_config.json's eos_token_id when that file exists (even without one: transformers'
+    generate() then has none), else config.json's; an id or a list. Plus the tokenizer's eos_id; sorted."""
+    gen_file = folder / "generation_config.json"
+    listed = _read_json(gen_file if gen_file.is_file() else folder / "config.json").get("eos_token_id")
+    listed = listed if isinstance(listed, list) else [listed]
+    return sorted({int(i) for i in listed if isinstance(i, int)} | ({eos_id} if eos_id is not None else set()))
 
 
 def _resolve_special_ids(folder: Path, config: dict, backend) -> dict[str, int | None]:
