@@ -3,6 +3,7 @@ and LoRA trained on a 4-bit tiny model.
 
     python lessons/09-qlora/run.py                 # weights/tiny on CPU, ~3 minutes on 2 cores
     python lessons/09-qlora/run.py --fast          # CI: a few training steps, a few questions (< 60 s)
+    python lessons/09-qlora/run.py --seed 1        # another training seed for both runs (default 0)
     python lessons/09-qlora/run.py --model weights/Qwen2.5-0.5B-Instruct --template qwen --device cuda --dtype bfloat16
 
 1. NF4's 16 levels computed from quantiles of N(0, 1), compared with NF4_CODE; NF4 vs uniform int4;
@@ -68,6 +69,9 @@ def parse_args():
                    help=f"LoRA rank r (alpha = 2 r), on every linear layer (default {LORA['rank']}, lesson 06's)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for training (default: 1 for models under 50M parameters, as lesson 05)")
+    p.add_argument("--seed", type=int, default=LESSON_05["seed"],
+                   help="training seed of both runs: LoRA's A and the order of examples (default 0, lesson 06's; "
+                        "the train/held-out split stays lesson 05's). Another seed measures how far a score spreads")
     p.add_argument("--out", default="runs/lesson-09", help="where the training logs go")
     return p.parse_args()
 
@@ -286,8 +290,9 @@ def lesson_triton():
 # --- 6. QLoRA on the tiny world ---------------------------------------------------------------------
 def finetune(model, tok, data, args, label: str):
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
-    # lesson 05's split, batch 8, cosine schedule, warmup and seed, as lesson 06 trains LoRA (tiny_sft.py)
-    cfg = TrainConfig(**{**LESSON_05, "template": args.template}, finetuning_type="qlora" if quantized else "lora",
+    # lesson 05's split, batch 8, cosine schedule and warmup, as lesson 06 trains LoRA (tiny_sft.py); --seed
+    cfg = TrainConfig(**{**LESSON_05, "template": args.template, "seed": args.seed},
+                      finetuning_type="qlora" if quantized else "lora",
                       learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=3 if args.fast else None,
                       logging_steps=2 if args.fast else 10, save_steps=0, output_dir=f"{args.out}/{label}",
                       bf16=args.dtype == "bfloat16", device=args.device)
