@@ -2,6 +2,7 @@
 
     python lessons/10-reward-model/run.py           # about a minute on CPU (1 thread)
     python lessons/10-reward-model/run.py --fast    # CI: a few steps (< 60 s)
+    python lessons/10-reward-model/run.py --seed 1  # another training seed (default 0)
 
 1. Bradley-Terry: P(chosen > rejected) = sigmoid(r_c - r_r) and the pairwise loss, by hand and by pairwise_loss;
 2. the data: preference pairs, plus three bad records to show how they are counted and dropped;
@@ -39,6 +40,8 @@ def parse_args():
     p.add_argument("--fast", action="store_true", help="CI mode: a few steps (< 60 s)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0, help="training seed: the value head's init and the order of "
+                   "the pairs (default 0; the train/held-out split stays seed 0's). Another seed measures the spread")
     p.add_argument("--out", default="runs/lesson-10", help="where the log, picture and saved RM go")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
                    "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
@@ -114,7 +117,7 @@ def main():
 
     # --- 3. the value head at EOS -----------------------------------------------------------------
     section("3. the value head (价值头) read at the last real token")
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)  # the value head is drawn here
     rm = RewardModel(model).to(args.device)
     batch = PairCollator(tok)(pairs.val[:2])
     ids, mask, _ = stack_pairs(batch)  # [4, T]: 2 chosen rows, then 2 rejected rows, right-padded
@@ -137,7 +140,7 @@ def main():
     agree_before = agreement(rm, tok, args.template, cands)
     cfg = TrainConfig(stage="rm", learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=6 if args.fast else None,
                       per_device_train_batch_size=16, warmup_ratio=0.1, logging_steps=2 if args.fast else 5,
-                      save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16", seed=0,
+                      save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16", seed=args.seed,
                       device=args.device)
     result = train_reward_model(rm, pairs, cfg, tok)
     after = score_pairs(rm, pairs.val, tok)
