@@ -2,6 +2,7 @@
 
     python lessons/12-dpo/run.py                 # the shared SFT model, then DPO; well under a minute on CPU (1 thread)
     python lessons/12-dpo/run.py --fast          # CI: a few steps each, a few prompts (< 60 s)
+    python lessons/12-dpo/run.py --seed 1        # another DPO training seed (default 0); the SFT start stays the same
     python lessons/12-dpo/run.py --lora          # LoRA actor: the reference is the same model with the adapter off
     python lessons/12-dpo/run.py --loss_type ipo # or hinge; --label_smoothing 0.1 for conservative DPO
     python lessons/12-dpo/run.py --sft PATH      # start from your own SFT checkpoint
@@ -52,6 +53,8 @@ def parse_args():
     p.add_argument("--label_smoothing", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 2e-4 full, 2e-3 LoRA)")
     p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the pairs")
+    p.add_argument("--seed", type=int, default=0, help="DPO training seed: the order of the pairs (default 0). The "
+                   "SFT start, the train/held-out split and the KL's samples stay seed 0's")
     p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
     return p.parse_args()
 
@@ -126,7 +129,7 @@ def main():
     cfg = TrainConfig(stage="dpo", finetuning_type="lora" if args.lora else "full", learning_rate=lr,
                       num_train_epochs=args.epochs, max_steps=4 if args.fast else None, per_device_train_batch_size=16,
                       warmup_ratio=0.1, logging_steps=2 if args.fast else 5, save_steps=0, plot_loss=True,
-                      output_dir=str(Path(args.out) / "dpo"), bf16=args.dtype == "bfloat16", seed=0,
+                      output_dir=str(Path(args.out) / "dpo"), bf16=args.dtype == "bfloat16", seed=args.seed,
                       device=args.device, pref_beta=args.beta, pref_loss=args.loss_type,
                       dpo_label_smoothing=args.label_smoothing)
     result = train_dpo(model, pairs, cfg, tok)
