@@ -182,6 +182,14 @@ report_to: none
 """
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_resume_of_an_rl_stage_is_an_error_not_a_silent_restart(stage):
+    """PPO and GRPO save only the trained model at the end; resume: true must not start at step 0 unnoticed."""
+    with pytest.raises(TrainConfigError, match=rf"resume: stage {stage} writes no checkpoints to resume from"):
+        TrainConfig(stage=stage, resume=True, output_dir="out")
+    TrainConfig(stage="dpo", resume=True, output_dir="out")  # the trainer's stages resume
+
+
 def test_yaml_subset_json_and_flags(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(LF_YAML)
     load_config(tmp_path / "c.yaml")
