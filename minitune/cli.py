@@ -9,6 +9,7 @@ Training lives here; what each finetuning_type adds, saves and reads back in fin
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from .train.config_file import FIELDS, coerce, flag_help, load_config
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
 IMPLEMENTED |= {("rm", "full"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
+RL_UNUSED = ("bf16", "fp16", "lr_scheduler_type", "warmup_ratio", "weight_decay", "val_size", "eval_steps",
+             "per_device_eval_batch_size", "logging_steps", "save_steps", "plot_loss")  # run_rl reads none of them
 
 
 # ----------------------------------------------------------------------------- train
@@ -158,6 +161,11 @@ def run_rl(cfg: TrainConfig):
     from .tiny.evaluate import stop_ids
     from .tiny.tasks import preference_score
 
+    # settings the trainer's stages read but PPO / GRPO here do not: say so rather than ignore them quietly
+    unused = [k for k in RL_UNUSED if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
+    if unused:
+        print(f"note: stage {cfg.stage} does not use {', '.join(unused)} (it trains in float32 at a constant "
+              "learning rate, logs every step and saves the model at the end; lessons 11 and 13)", file=sys.stderr)
     actor, tok = load_for_training(cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     base = minitune.load_pretrained(cfg.model_name_or_path, device=device, dtype=torch.float32)[0]

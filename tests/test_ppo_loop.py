@@ -206,3 +206,21 @@ def test_cli_ppo_rule_reads_the_user_message_of_the_runs_template_and_the_critic
     assert seen["reward"](seen["prompts"][0], reply) == 3.0  # +2 the reversal is right, +1 the full stop
     assert not seen["critic"].value_head.weight.any()  # V = 0 everywhere before the critic learns
     assert seen["stops"] == stop_ids(tok)
+
+
+@pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(), reason="weights/tiny is not built yet")
+def test_cli_rl_stage_names_the_settings_it_does_not_use(tmp_path, monkeypatch, capsys):
+    """bf16, a schedule, evaluation...: the trainer's stages read them, PPO/GRPO here do not; the run says so."""
+    import json
+
+    import minitune.rlhf
+    from minitune.cli import main
+
+    monkeypatch.setattr(minitune.rlhf, "train_grpo", lambda *a, **k: [{"seconds": 0.0, "reward": 0.0, "kl": 0.0}])
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"instruction": "What is 1+2?", "input": "", "output": "3"}) + "\n")
+    main(["train", "--stage", "grpo", "--finetuning_type", "lora", "--model_name_or_path", str(ROOT / "weights/tiny"),
+          "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--bf16",
+          "--lr_scheduler_type", "linear"])
+    err = capsys.readouterr().err
+    assert "note: stage grpo does not use bf16, lr_scheduler_type (it trains in float32" in err
