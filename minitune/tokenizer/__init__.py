@@ -166,24 +166,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if chat_template is None and (folder / "chat_template.jinja").is_file():
         chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
 
-    ids = _resolve_special_ids(folder, config, backend)
+    gen_file = folder / "generation_config.json"
+    generation = _read_json(gen_file) if gen_file.is_file() else None  # None: no file (not an empty one)
+    model_config = _read_json(folder / "config.json")
+    ids = _resolve_special_ids(folder, config, backend, generation or {}, model_config)
     return Tokenizer(backend, chat_template=chat_template, config=config, **ids,
-                     stop_ids=_generation_stop_ids(folder, ids["eos_id"]))
+                     stop_ids=_generation_stop_ids(generation, model_config, ids["eos_id"]))
 
 
-def _generation_stop_ids(folder: Path, eos_id: int | None) -> list[int]:
+def _generation_stop_ids(generation: dict | None, model_config: dict, eos_id: int | None) -> list[int]:
     """generation_config.json's eos_token_id when that file exists (even without one: transformers'
     generate() then has none), else config.json's; an id or a list. Plus the tokenizer's eos_id; sorted."""
-    gen_file = folder / "generation_config.json"
-    listed = _read_json(gen_file if gen_file.is_file() else folder / "config.json").get("eos_token_id")
+    listed = (model_config if generation is None else generation).get("eos_token_id")
     listed = listed if isinstance(listed, list) else [listed]
     return sorted({int(i) for i in listed if isinstance(i, int)} | ({eos_id} if eos_id is not None else set()))
 
 
-def _resolve_special_ids(folder: Path, config: dict, backend) -> dict[str, int | None]:
+def _resolve_special_ids(folder: Path, config: dict, backend, generation: dict,
+                         model_config: dict) -> dict[str, int | None]:
+    """bos/eos/pad ids; generation and model_config: generation_config.json and config.json as read."""
     special_map = _read_json(folder / "special_tokens_map.json")
-    generation = _read_json(folder / "generation_config.json")
-    model_config = _read_json(folder / "config.json")
     out: dict[str, int | None] = {}
     for role in _ROLES:
         key = f"{role}_token"
