@@ -23,7 +23,7 @@ IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, fi
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
 IMPLEMENTED |= {("rm", "full"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
 RL_UNUSED = ("bf16", "fp16", "lr_scheduler_type", "warmup_ratio", "weight_decay", "val_size", "eval_steps",
-             "per_device_eval_batch_size", "logging_steps", "save_steps", "plot_loss")  # run_rl reads none of them
+             "per_device_eval_batch_size", "logging_steps", "plot_loss")  # run_rl reads none of them
 
 
 # ----------------------------------------------------------------------------- train
@@ -165,7 +165,7 @@ def run_rl(cfg: TrainConfig):
     unused = [k for k in RL_UNUSED if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
     if unused:
         print(f"note: stage {cfg.stage} does not use {', '.join(unused)} (it trains in float32 at a constant "
-              "learning rate, logs every step and saves the model at the end; lessons 11 and 13)", file=sys.stderr)
+              "learning rate and logs every step; lessons 11 and 13)", file=sys.stderr)
     actor, tok = load_for_training(cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     base = minitune.load_pretrained(cfg.model_name_or_path, device=device, dtype=torch.float32)[0]
@@ -181,13 +181,15 @@ def run_rl(cfg: TrainConfig):
     mini = cfg.per_device_train_batch_size
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
     log = str(Path(cfg.output_dir) / "trainer_log.jsonl")
+    # checkpoint-{step}/ beside the log; resume continues from the last one (rlhf/rl_checkpoint.py)
+    checkpointing = dict(save_steps=cfg.save_steps, output_dir=cfg.output_dir, resume=cfg.resume)
     if cfg.stage == "ppo":
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
         rl = PPOConfig(steps=steps, batch_size=batch, mini_batch_size=mini, ppo_epochs=cfg.ppo_epochs,
                        learning_rate=cfg.learning_rate, init_kl_coef=0.2 if cfg.init_kl_coef is None else cfg.init_kl_coef,
                        adap_kl_ctrl=cfg.ppo_target is not None, target_kl=cfg.ppo_target or 6.0,
                        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
-                       seed=cfg.seed, log_path=log)
+                       seed=cfg.seed, log_path=log, **checkpointing)
         critic = RewardModel(base, init_std=0.0).to(device)  # a zero value head: V = 0 until it learns (lesson 11)
         records = train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad)
     else:
@@ -195,7 +197,8 @@ def run_rl(cfg: TrainConfig):
         rl = GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,
                         mini_batch_size=mini * cfg.num_generations, learning_rate=cfg.learning_rate,
                         beta=0.04 if cfg.init_kl_coef is None else cfg.init_kl_coef, max_new_tokens=cfg.max_new_tokens,
-                        max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log)
+                        max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log,
+                        **checkpointing)
         records = train_grpo(actor, reference, reward, prompts, rl, stops, pad)
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)

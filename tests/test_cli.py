@@ -70,6 +70,24 @@ def test_train_from_yaml_and_flags(tiny_dir, tmp_path, capsys):
     assert "trained 3 steps" in capsys.readouterr().out
 
 
+def test_grpo_resumes_from_its_last_checkpoint(tiny_dir, tmp_path, capsys):
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"instruction": f"What is {a}+{b}?", "output": str(a + b)})
+                                                 + "\n" for a, b in ((1, 2), (3, 4), (5, 6))))
+    out = tmp_path / "out"
+    args = ["train", "--stage", "grpo", "--finetuning_type", "lora", "--model_name_or_path", str(tiny_dir),
+            "--dataset", str(tmp_path / "sums.jsonl"), "--output_dir", str(out), "--per_device_train_batch_size", "1",
+            "--num_generations", "2", "--max_new_tokens", "4", "--device", "cpu", "--save_steps", "1"]
+    main(args + ["--max_steps", "2"])  # stopped after step 2
+    assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    main(args + ["--max_steps", "3", "--resume", "true"])
+    printed = capsys.readouterr()
+    assert f"resume: continuing from {out / 'checkpoint-2'} at step 2" in printed.out
+    assert "grpo: 3 steps" in printed.out and "does not use" not in printed.err  # save_steps is used now
+    assert [json.loads(x)["step"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "checkpoint-3").is_dir() and (out / "adapter_model.safetensors").exists()
+
+
 def test_train_refuses_what_is_not_implemented(tiny_dir):
     with pytest.raises(SystemExit, match="stage 'rm' with finetuning_type 'adapter' is not implemented yet"):
         main(["train", "--stage", "rm", "--finetuning_type", "adapter", "--model_name_or_path", str(tiny_dir)])

@@ -9,6 +9,7 @@ be read (and tested) beside its equation without a model in sight.
     rollout.py      sampling responses and scoring them (PPO and GRPO)
     collapse.py     the collapse watch: response length and repetition, warnings
     ppo_trainer.py  the PPO loop with its four models (lesson 11)
+    rl_checkpoint.py  PPO / GRPO checkpoints: resuming reproduces the uninterrupted run
     dpo.py          DPO and its variants (lesson 12)
     grpo.py         GRPO with a rule-checked reward (lesson 13)
 """
@@ -21,6 +22,7 @@ from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pair
 from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits, kl_penalty_rewards,
                   logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from .ppo_trainer import PPOConfig, critic_values, ppo_step, train_ppo
+from .rl_checkpoint import load_rl_checkpoint, resume_rl, save_rl_checkpoint
 from .reward import (RewardModel, gather_last, last_token_index, load_reward_model, pairwise_loss, reward_accuracy,
                      reward_loss_fn, save_reward_model, score_pairs, train_reward_model)
 from .rollout import (Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses, text_reward,

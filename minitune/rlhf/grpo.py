@@ -22,6 +22,7 @@ work, e.g. DAPO, averages over all tokens of the batch instead; not done here.)
 The loop (``grpo_step`` / ``train_grpo``) reuses PPO's rollout helpers (``rollout.py``):
 sample G responses per prompt, score them with the rule, group-normalise, then a few clipped
 updates.  Two models only: the actor and the frozen reference (no critic, no learned reward model).
+Checkpoints and resuming are PPO's (``rl_checkpoint.py``), less the critic and the KL controller.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from ..train.optim import make_optimizer
 from ..train.trainer import seed_everything
 from .collapse import collapse_stats, collapse_warnings
 from .ppo import masked_mean
-from .ppo_trainer import run_steps
+from .ppo_trainer import check_checkpointing, run_steps
+from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import reference_logprobs, response_logprobs, sample_rollout, score_responses
 
 __all__ = ["group_advantages", "grpo_loss", "arithmetic_reward", "GRPOConfig", "grpo_step", "train_grpo"]
@@ -156,11 +158,15 @@ class GRPOConfig:
     seed: int = 0
     log_path: str | None = None  # JSONL, one record per step
     warn: bool = True  # print collapse_warnings as they fire
+    save_steps: int = 0  # output_dir/checkpoint-{step}/ every N steps (0: none)
+    output_dir: str | None = None  # where the checkpoints go
+    resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
 
     def __post_init__(self):
         if (self.batch_size * self.num_generations) % self.mini_batch_size:
             raise ValueError(f"batch_size * num_generations = {self.batch_size * self.num_generations} must be a "
                              f"multiple of mini_batch_size {self.mini_batch_size}")
+        check_checkpointing(self)
 
 
 def grpo_step(actor, reference, reward, optimizer, prompts: list[list[int]], cfg: GRPOConfig, stop_ids: list[int],
@@ -206,6 +212,7 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
 
     reference: a frozen model, or None for the actor with its LoRA adapters off; reward: a rule
     ``reward(prompt_ids, response_ids)`` (see rollout.text_reward) or a RewardModel.
+    cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one.
     """
     seed_everything(cfg.seed)
     if isinstance(reference, nn.Module):
@@ -213,10 +220,17 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
     optimizer = make_optimizer(actor, cfg.learning_rate)
     g = torch.Generator().manual_seed(cfg.seed)
     actor.train()
+    # everything a step changes that is not a function of (seed, step): see rl_checkpoint.py
+    models, optimizers = {"actor": actor}, {"actor": optimizer}
+    records = resume_rl(cfg.output_dir, models, optimizers, g)[1] if cfg.resume else []
 
     def step_fn(step):
         batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()]
         return grpo_step(actor, reference, reward, optimizer, batch, cfg, stop_ids, pad_id, step)
 
+    def save(step, records):
+        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records)
+
     return run_steps("grpo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl",
-                     "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step)
+                     "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step, records, cfg.save_steps,
+                     save)

@@ -18,7 +18,8 @@ One PPO step (the math is in ``ppo.py``):
 
 Steps 1-2 are the rollout helpers of ``rollout.py`` (``sample_rollout``, ``response_logprobs``,
 ``score_responses``), shared with GRPO (``grpo.py``), which drops the critic; the numbers of step 5
-are ``collapse.py``'s.
+are ``collapse.py``'s. With save_steps, a checkpoint every few steps (``rl_checkpoint.py``), from
+which ``resume`` continues exactly as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..train.trainer import seed_everything
 from .collapse import collapse_stats, collapse_warnings
 from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_mean, masked_whiten,
                   ppo_policy_loss, ppo_value_loss)
+from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses
 
 __all__ = ["PPOConfig", "critic_values", "ppo_step", "run_steps", "train_ppo"]
@@ -70,10 +72,22 @@ class PPOConfig:
     seed: int = 0
     log_path: str | None = None  # JSONL, one record per step
     warn: bool = True  # print collapse_warnings as they fire
+    save_steps: int = 0  # output_dir/checkpoint-{step}/ every N steps (0: none)
+    output_dir: str | None = None  # where the checkpoints go
+    resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
 
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
+        check_checkpointing(self)
+
+
+def check_checkpointing(cfg):
+    """save_steps and resume need a folder (PPOConfig and GRPOConfig)."""
+    if (cfg.save_steps or cfg.resume) and not cfg.output_dir:
+        raise ValueError("save_steps and resume need an output_dir (where the checkpoints are)")
+    if cfg.save_steps < 0:
+        raise ValueError(f"save_steps must be >= 0 (0: no checkpoints), got {cfg.save_steps}")
 
 
 def critic_values(critic: nn.Module, roll: Rollout) -> torch.Tensor:
@@ -148,16 +162,23 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
 
 
 def run_steps(desc: str, n_steps: int, step_fn, log_path: str | None, postfix: dict, warn: bool = True,
-              on_step=None) -> list[dict]:
+              on_step=None, records: list[dict] | None = None, save_steps: int = 0, save=None) -> list[dict]:
     """The loop both PPO and GRPO use: step_fn(step) -> record; tqdm postfix, JSONL log, warnings.
 
     postfix: {short name: record key} shown on the progress bar every step.
+    records: those of steps 1..k of a resumed run; the loop goes on with step k + 1.
+    save(step, records) is called every save_steps steps, after on_step (which may draw random numbers).
     """
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    records, t0 = [], time.perf_counter()
+    records = list(records or [])
+    start = len(records)
+    t0 = time.perf_counter() - (records[-1]["seconds"] if records else 0.0)  # the clock goes on from the checkpoint
     with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
-        pbar = tqdm(range(n_steps), desc=desc, dynamic_ncols=True)
+        if log:  # a resumed run's log starts over from the checkpoint's records: each step once, none lost
+            log.writelines(json.dumps(rec) + "\n" for rec in records)
+            log.flush()
+        pbar = tqdm(range(start, n_steps), desc=desc, dynamic_ncols=True, initial=start, total=n_steps)
         for step in pbar:
             rec = step_fn(step)
             rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -171,6 +192,8 @@ def run_steps(desc: str, n_steps: int, step_fn, log_path: str | None, postfix: d
                 log.flush()
             if on_step is not None:
                 on_step(rec)
+            if save_steps and (step + 1) % save_steps == 0:
+                save(step + 1, records)
     return records
 
 
@@ -182,6 +205,8 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
     critic: a RewardModel used through token_values; reference: a frozen model, or None for
     "the actor with its LoRA adapters switched off"; reward: a RewardModel or a token rule (see
     score_responses / text_reward).  on_step(record) is called after each step (e.g. to evaluate).
+    cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one
+    (build the four models as for the first run; the trained weights come from the checkpoint).
     """
     seed_everything(cfg.seed)
     for frozen in (reference, reward):
@@ -193,11 +218,18 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
               else FixedKLController(cfg.init_kl_coef))
     g = torch.Generator().manual_seed(cfg.seed)
     actor.train(), critic.train()
+    # everything a step changes that is not a function of (seed, step): see rl_checkpoint.py
+    models, optimizers = {"actor": actor, "critic": critic}, {"actor": opt_actor, "critic": opt_critic}
+    records = resume_rl(cfg.output_dir, models, optimizers, g, kl_ctl)[1] if cfg.resume else []
 
     def step_fn(step):
         batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()]
         return ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, batch, cfg, kl_ctl,
                         stop_ids, pad_id, step)
 
+    def save(step, records):
+        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records, kl_ctl)
+
     return run_steps("ppo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl", "clip": "clip_frac",
-                     "ent": "entropy", "len": "response_length", "rep": "repetition_rate"}, cfg.warn, on_step)
+                     "ent": "entropy", "len": "response_length", "rep": "repetition_rate"}, cfg.warn, on_step,
+                     records, cfg.save_steps, save)

@@ -58,7 +58,7 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     logging_steps: int = 10  # write a trainer_log.jsonl line every N steps
     eval_steps: int | None = None  # evaluation loss every N steps (None: only at the end)
-    save_steps: int = 500  # checkpoint-{step}/ every N steps (0: none); sft, rm, dpo (ppo/grpo: the model at the end)
+    save_steps: int = 500  # checkpoint-{step}/ every N steps (0: none); every stage (ppo/grpo: actor, critic, RL state)
     plot_loss: bool = False  # write training_loss.png into output_dir
     output_dir: str | None = None  # where checkpoints, the log and the final model go
     resume: bool = False  # continue from the last checkpoint in output_dir
@@ -125,9 +125,6 @@ class TrainConfig:
         for key in ("plot_loss", "resume"):
             if getattr(self, key) and not self.output_dir:
                 bad(key, "needs an output_dir (where the picture / the checkpoints are)")
-        if self.resume and self.stage in ("ppo", "grpo"):  # better than silently starting from step 0
-            bad("resume", f"stage {self.stage} writes no checkpoints to resume from (only the trained model, at the "
-                          "end); run it again from the start, or continue from that model with model_name_or_path")
         self.validate_peft(bad)
 
     def validate_peft(self, bad):

@@ -1,0 +1,104 @@
+"""RL checkpoints: stop a PPO or GRPO run after a saved step, resume it, get the uninterrupted run.
+
+    output_dir/checkpoint-{step}/
+        actor.safetensors    the actor's trainable parameters (the LoRA matrices, or every weight)
+        critic.safetensors   the critic's trainable parameters (PPO only)
+        trainer_state.pt     each optimizer's state (AdamW's moments and step counts), the KL
+                             coefficient, the prompt sampler's generator, the global RNG states,
+                             the step, and the records of steps 1..step
+        trainer_state.json   the step, for humans
+
+Why resuming reproduces the uninterrupted run bit for bit: step s of ``ppo_step`` / ``grpo_step``
+reads only
+  - the trained weights and the optimizers' states (saved, in fp32),
+  - the KL coefficient, which the adaptive controller moves after every step (saved),
+  - the prompt batch, drawn by a torch.Generator that advances every step (its state: saved),
+  - the rollout's sampling seed and the minibatch order, pure functions of (seed, step): nothing to save,
+  - dropout, which draws from the global RNGs (python, numpy, torch: saved).
+The frozen models (reference, reward) never change, so the caller builds them again as before.
+The records are saved too, so the returned list and the JSONL log hold steps 1..N once each.
+
+The helpers and the folder rules are the trainer's (``train/checkpoint.py``): a checkpoint is
+written under a hidden temporary name and renamed into place when complete, and ``last_checkpoint``
+only sees complete ``checkpoint-N`` folders, so a crash half-way never leaves one that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..atomic import atomic_dir
+from ..train.checkpoint import STATE_FILE, last_checkpoint, rng_state, set_rng_state, trainable_state
+
+__all__ = ["save_rl_checkpoint", "load_rl_checkpoint", "resume_rl", "last_checkpoint"]
+
+
+def save_rl_checkpoint(output_dir, step: int, models: dict[str, nn.Module], optimizers: dict,
+                       generator: torch.Generator, records: list[dict], kl_ctl=None) -> Path:
+    """Write output_dir/checkpoint-{step}/ atomically. models / optimizers: {"actor": ..., "critic": ...};
+    generator: the prompt sampler's; kl_ctl: PPO's KL controller (None: GRPO, whose beta is fixed)."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        for name, model in models.items():
+            save_file(trainable_state(model), tmp / f"{name}.safetensors", metadata={"format": "pt"})
+        state = {"global_step": step, "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                 "kl_coef": None if kl_ctl is None else kl_ctl.value,  # the controller's only moving part
+                 "generator": generator.get_state(), "rng": rng_state(), "records": records}
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}, indent=2))
+    return final
+
+
+def load_trainable(model: nn.Module, file: Path):
+    """Copy a checkpoint's tensors into the model's trainable parameters; they must match one for one."""
+    if not file.exists():
+        raise ValueError(f"{file}: not found; the checkpoint was written by another setup (a GRPO checkpoint "
+                         "has no critic) or is not an RL checkpoint")
+    saved = load_file(file)
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    extra, missing = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
+    reshaped = sorted(n for n in set(saved) & set(own) if saved[n].shape != own[n].shape)
+    if extra or missing or reshaped:
+        raise ValueError(f"{file}: its tensors are not this model's trainable parameters (written with another "
+                         f"finetuning_type, LoRA rank or target?): {len(extra)} unexpected e.g. {extra[:2]}, "
+                         f"{len(missing)} missing e.g. {missing[:2]}, "
+                         f"{len(reshaped)} of another shape e.g. {reshaped[:2]}")
+    with torch.no_grad():
+        for name, t in saved.items():
+            own[name].copy_(t)
+
+
+def load_rl_checkpoint(path, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
+                       kl_ctl=None) -> tuple[int, list[dict]]:
+    """Put a checkpoint's weights and states back in place; returns (step, records of steps 1..step).
+
+    Call it after seeding (the global RNG states it restores must win)."""
+    path = Path(path)
+    for name, model in models.items():  # first: a checkpoint of another setup stops here, naming the file
+        load_trainable(model, path / f"{name}.safetensors")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    if kl_ctl is not None and state["kl_coef"] is not None:
+        kl_ctl.value = state["kl_coef"]
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    return state["global_step"], state["records"]
+
+
+def resume_rl(output_dir, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
+              kl_ctl=None) -> tuple[int, list[dict]]:
+    """Load the last complete checkpoint in output_dir: (step, records); (0, []) when there is none."""
+    ckpt = last_checkpoint(output_dir)
+    if ckpt is None:  # as the trainer's stages do: say so, then start at step 0
+        tqdm.write(f"resume: no checkpoint in {output_dir}, starting from step 0")
+        return 0, []
+    step, records = load_rl_checkpoint(ckpt, models, optimizers, generator, kl_ctl)
+    tqdm.write(f"resume: continuing from {ckpt} at step {step}")
+    return step, records
