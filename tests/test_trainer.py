@@ -182,12 +182,10 @@ report_to: none
 """
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_resume_of_an_rl_stage_is_an_error_not_a_silent_restart(stage):
-    """PPO and GRPO save only the trained model at the end; resume: true must not start at step 0 unnoticed."""
-    with pytest.raises(TrainConfigError, match=rf"resume: stage {stage} writes no checkpoints to resume from"):
-        TrainConfig(stage=stage, resume=True, output_dir="out")
-    TrainConfig(stage="dpo", resume=True, output_dir="out")  # the trainer's stages resume
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_every_stage_accepts_resume(stage):
+    """Every stage writes checkpoints now (PPO/GRPO: rlhf/rl_checkpoint.py, tests/test_rl_resume.py)."""
+    assert TrainConfig(stage=stage, resume=True, output_dir="out").resume
 
 
 def test_yaml_subset_json_and_flags(tmp_path, capsys):
