@@ -18,6 +18,7 @@ from . import chat
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
 from .train.config import PEFT_TYPES, TrainConfig, TrainConfigError
 from .train.config_file import FIELDS, coerce, flag_help, load_config
+from .train.trainer import seed_everything
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
@@ -58,6 +59,9 @@ def load_for_training(cfg: TrainConfig):
     model, tok = minitune.load_pretrained(cfg.model_name_or_path, device="cpu", dtype=torch.float32, quantize=quantize)
     if tok is None:
         raise SystemExit(f"error: {cfg.model_name_or_path} has no tokenizer files")
+    # the adapter's new parameters (LoRA's A, prompts, ...) are drawn right after seeding, as the lessons'
+    # tiny_sft does: --seed picks them, and they do not depend on what ran before in the process
+    seed_everything(cfg.seed)
     try:
         model = apply_finetuning_type(model, cfg, tok)
     except ValueError as e:  # e.g. a lora_target that names no layer of this model

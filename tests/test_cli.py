@@ -88,6 +88,22 @@ def test_grpo_resumes_from_its_last_checkpoint(tiny_dir, tmp_path, capsys):
     assert (out / "checkpoint-3").is_dir() and (out / "adapter_model.safetensors").exists()
 
 
+def test_seed_picks_the_adapters_initial_weights_whatever_ran_before(tiny_dir):
+    from minitune.cli import load_for_training
+    from minitune.train.config import TrainConfig
+
+    def lora_a(seed):
+        torch.rand(7)  # other random draws earlier in the process must not matter
+        cfg = TrainConfig(stage="sft", finetuning_type="lora", model_name_or_path=str(tiny_dir), dataset="d.json",
+                          output_dir="out", seed=seed)
+        model = load_for_training(cfg)[0]
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    first = lora_a(1)
+    assert torch.equal(first, lora_a(1))
+    assert not torch.equal(first, lora_a(2))
+
+
 def test_train_refuses_what_is_not_implemented(tiny_dir):
     with pytest.raises(SystemExit, match="stage 'rm' with finetuning_type 'adapter' is not implemented yet"):
         main(["train", "--stage", "rm", "--finetuning_type", "adapter", "--model_name_or_path", str(tiny_dir)])
