@@ -18,13 +18,14 @@ from . import chat
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
 from .train.config import PEFT_TYPES, TrainConfig, TrainConfigError
 from .train.config_file import FIELDS, coerce, flag_help, load_config
+from .train.plot import plot_log
 from .train.trainer import seed_everything
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
 IMPLEMENTED |= {("rm", "full"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
 RL_UNUSED = ("bf16", "fp16", "lr_scheduler_type", "warmup_ratio", "weight_decay", "val_size", "eval_steps",
-             "per_device_eval_batch_size", "logging_steps", "plot_loss")  # run_rl reads none of them
+             "per_device_eval_batch_size", "logging_steps")  # run_rl reads none of them
 
 
 # ----------------------------------------------------------------------------- train
@@ -206,8 +207,12 @@ def run_rl(cfg: TrainConfig):
         records = train_grpo(actor, reference, reward, prompts, rl, stops, pad)
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)
+    # plot_loss: what RL climbs and what holds it back, per step (LLaMA-Factory's PPO plots the reward too)
+    curves = [plot_log(log, Path(cfg.output_dir) / f"training_{key}.png", key) for key in ("reward", "kl")
+              if cfg.plot_loss]
     print(f"{cfg.stage}: {len(records)} steps in {last['seconds']:.1f} s; reward {first['reward']:.3f} -> "
-          f"{last['reward']:.3f}, KL to the reference {last['kl']:.3f}; {saved}; log {log}")
+          f"{last['reward']:.3f}, KL to the reference {last['kl']:.3f}; {saved}; log {log}"
+          + (f"; curves {', '.join(map(str, curves))}" if curves else ""))
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -70,7 +70,7 @@ def test_train_from_yaml_and_flags(tiny_dir, tmp_path, capsys):
     assert "trained 3 steps" in capsys.readouterr().out
 
 
-def test_grpo_resumes_from_its_last_checkpoint(tiny_dir, tmp_path, capsys):
+def test_grpo_resumes_from_its_last_checkpoint_and_plots_reward_and_kl(tiny_dir, tmp_path, capsys):
     (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"instruction": f"What is {a}+{b}?", "output": str(a + b)})
                                                  + "\n" for a, b in ((1, 2), (3, 4), (5, 6))))
     out = tmp_path / "out"
@@ -80,12 +80,14 @@ def test_grpo_resumes_from_its_last_checkpoint(tiny_dir, tmp_path, capsys):
     main(args + ["--max_steps", "2"])  # stopped after step 2
     assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
     capsys.readouterr()
-    main(args + ["--max_steps", "3", "--resume", "true"])
+    main(args + ["--max_steps", "3", "--resume", "true", "--plot_loss"])
     printed = capsys.readouterr()
     assert f"resume: continuing from {out / 'checkpoint-2'} at step 2" in printed.out
     assert "grpo: 3 steps" in printed.out and "does not use" not in printed.err  # save_steps is used now
     assert [json.loads(x)["step"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (out / "checkpoint-3").is_dir() and (out / "adapter_model.safetensors").exists()
+    for key in ("reward", "kl"):  # plot_loss: the RL stages draw what they climb and what holds them back
+        assert (out / f"training_{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_seed_picks_the_adapters_initial_weights_whatever_ran_before(tiny_dir):

@@ -153,6 +153,20 @@ def test_jsonl_log_and_png_are_written(tmp_path):
     assert len(zlib.decompress(png[41:41 + idat_len])) == height * (1 + 3 * width)
 
 
+def test_plot_names_its_quantity_at_the_top_left_and_nowhere_else(tmp_path):
+    from minitune.train.plot import plot_losses
+
+    def pixel_rows(label):
+        png = plot_losses(tmp_path / f"{label}.png", [1, 2, 3], [0.5, 0.7, 0.6], label=label).read_bytes()
+        width, height = struct.unpack(">II", png[16:24])
+        raw = zlib.decompress(png[41:41 + struct.unpack(">I", png[33:37])[0]])
+        return [raw[y * (1 + 3 * width):(y + 1) * (1 + 3 * width)] for y in range(height)]
+
+    loss, reward = pixel_rows("loss"), pixel_rows("reward")
+    assert loss[8:18] != reward[8:18]  # the label, in the top-left strip (RL stages: reward, kl)
+    assert loss[:8] == reward[:8] and loss[18:] == reward[18:]  # the ticks and the curve do not depend on it
+
+
 def test_few_trainable_parameters_checkpoint_only_those(tmp_path):
     model = tiny_model()
     for n, p in model.named_parameters():

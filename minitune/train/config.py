@@ -59,7 +59,7 @@ class TrainConfig:
     logging_steps: int = 10  # write a trainer_log.jsonl line every N steps
     eval_steps: int | None = None  # evaluation loss every N steps (None: only at the end)
     save_steps: int = 500  # checkpoint-{step}/ every N steps (0: none); every stage (ppo/grpo: actor, critic, RL state)
-    plot_loss: bool = False  # write training_loss.png into output_dir
+    plot_loss: bool = False  # write training_loss.png into output_dir (ppo/grpo: training_reward.png, training_kl.png)
     output_dir: str | None = None  # where checkpoints, the log and the final model go
     resume: bool = False  # continue from the last checkpoint in output_dir
     seed: int = 42  # seeds python, numpy and torch; also the data order

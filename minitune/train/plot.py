@@ -23,7 +23,8 @@ FONT = {
     "+": "000010111010000", "e": "010101111100011", "a": "000011101101011", "i": "010000010010010",
     "l": "110010010010111", "n": "000110101101101", "o": "000010101101010", "p": "000110101110100",
     "r": "000101110100100", "s": "000011110001110", "t": "010111010010001", "v": "000101101101010",
-    " ": "000000000000000", "_": "000000000000111",
+    " ": "000000000000000", "_": "000000000000111", "d": "001001011101011", "k": "100101110101101",
+    "w": "000101101111101",
 }
 
 
@@ -93,8 +94,9 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 
 
 def plot_losses(path, steps: list[int], losses: list[float], eval_steps=(), eval_losses=(),
-                width: int = 640, height: int = 400) -> Path:
-    """Write a line plot of training (and evaluation) loss against step to `path`."""
+                width: int = 640, height: int = 400, label: str = "loss") -> Path:
+    """Write a line plot of training (and evaluation) loss against step to `path`; `label` names the
+    quantity when it is not a loss (the RL stages plot their reward and KL)."""
     left, right, top, bottom = 70, 20, 30, 45
     c = Canvas(width, height)
     ys = list(losses) + list(eval_losses)
@@ -115,15 +117,15 @@ def plot_losses(path, steps: list[int], losses: list[float], eval_steps=(), eval
         gy, gx = px(x0, yv)[1], px(xv, y0)[0]
         c.line(left, gy, left + pw, gy, GREY)
         c.line(gx, top, gx, top + ph, GREY)
-        label = f"{yv:.3g}"
-        c.text(left - 8 - text_width(label), gy - 5, label)
+        tick = f"{yv:.3g}"
+        c.text(left - 8 - text_width(tick), gy - 5, tick)
         c.text(gx - text_width(str(xv)) // 2, top + ph + 8, str(xv))
     c.line(left, top, left, top + ph, BLACK, thick=2)
     c.line(left, top + ph, left + pw, top + ph, BLACK, thick=2)
     c.text(left + pw // 2 - text_width("step") // 2, height - 16, "step")
-    c.text(8, 8, "loss", BLUE)
+    c.text(8, 8, label, BLUE)
     if eval_losses:
-        c.text(8 + text_width("loss ") + 8, 8, "eval_loss", ORANGE)
+        c.text(8 + text_width(label + " ") + 8, 8, f"eval_{label}", ORANGE)
 
     def polyline(xs_, ys_, color, thick):
         pts = [px(x, y) for x, y in zip(xs_, ys_)]
@@ -144,14 +146,14 @@ def plot_losses(path, steps: list[int], losses: list[float], eval_steps=(), eval
     return path
 
 
-def plot_log(log_path, png_path) -> Path:
-    """Plot the `loss` and `eval_loss` records of a trainer_log.jsonl."""
+def plot_log(log_path, png_path, key: str = "loss") -> Path:
+    """Plot the `key` and `eval_{key}` records of a trainer_log.jsonl (key: "loss"; PPO/GRPO: "reward", "kl")."""
     train, evals = [], []
     for line in Path(log_path).read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
-        if "loss" in r and math.isfinite(r["loss"]):
-            train.append((r["step"], r["loss"]))
-        if "eval_loss" in r and math.isfinite(r["eval_loss"]):
-            evals.append((r["step"], r["eval_loss"]))
+        if key in r and math.isfinite(r[key]):
+            train.append((r["step"], r[key]))
+        if f"eval_{key}" in r and math.isfinite(r[f"eval_{key}"]):
+            evals.append((r["step"], r[f"eval_{key}"]))
     return plot_losses(png_path, [s for s, _ in train], [v for _, v in train],
-                       [s for s, _ in evals], [v for _, v in evals])
+                       [s for s, _ in evals], [v for _, v in evals], label=key)
