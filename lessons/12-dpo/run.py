@@ -53,8 +53,9 @@ def parse_args():
     p.add_argument("--label_smoothing", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 2e-4 full, 2e-3 LoRA)")
     p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the pairs")
-    p.add_argument("--seed", type=int, default=0, help="DPO training seed: the order of the pairs (default 0). The "
-                   "SFT start, the train/held-out split and the KL's samples stay seed 0's")
+    p.add_argument("--seed", type=int, default=0, help="DPO training seed: the order of the pairs and, with --lora, "
+                   "the adapter's first weights (default 0). The SFT start, the train/held-out split and the KL's "
+                   "samples stay seed 0's")
     p.add_argument("--out", default="runs/lesson-12", help="where the SFT model, logs and pictures go")
     return p.parse_args()
 
@@ -103,6 +104,8 @@ def main():
     model, tok = sft_start(args, 10 if args.fast else 450)
     reference = copy.deepcopy(model).eval()  # pi_ref: the SFT model, frozen (LoRA: not needed, adapter off)
     if args.lora:
+        # seeded here: after a cached SFT start the RNG is elsewhere than after a fresh one
+        torch.manual_seed(args.seed)
         apply_lora(model, r=8, alpha=16, targets="all-linear")
         reference = None
     trainable, total = count_parameters(model)
