@@ -133,16 +133,25 @@ def run_preference(cfg: TrainConfig):
         torch.distributed.destroy_process_group()
 
 
-def rl_prompts(cfg: TrainConfig, tok) -> list[list[int]]:
+def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
     """ppo / grpo prompts: each example's conversation up to its last reply, rendered with the
-    template and the assistant header; prompts that leave no room for max_new_tokens are skipped."""
+    template and the assistant header; prompts that leave no room for max_new_tokens are skipped.
+    rule(prompt ids, response ids): a reward rule, tried on every prompt here (with an empty reply) so
+    that one it cannot read stops the run now, naming the example, not when a batch first draws it."""
     from .data import encode_segments, get_template, load_examples
 
     template, prompts, skipped = get_template(cfg.template), [], 0
     for path in cfg.datasets:
-        for messages in load_examples(path).examples:
+        for i, messages in enumerate(load_examples(path).examples):
             turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
             ids = encode_segments(tok, template.segments(turns, add_generation_prompt=True))[0]
+            try:
+                if rule is not None:
+                    rule(ids, [])
+            except ValueError as e:  # e.g. GRPO's arithmetic rule given "Reverse the words: ..."
+                raise SystemExit(f"error: {path}, example {i + 1}: the reward rule of stage {cfg.stage} cannot "
+                                 f"score this prompt ({e}); keep only prompts it can score, or set "
+                                 "reward_model to a reward model folder") from None
             if len(ids) + cfg.max_new_tokens > cfg.cutoff_len:
                 skipped += 1
                 continue
@@ -176,13 +185,14 @@ def run_rl(cfg: TrainConfig):
     base = minitune.load_pretrained(cfg.model_name_or_path, device=device, dtype=torch.float32)[0]
     actor.to(device)
     reference = None if cfg.finetuning_type == "lora" else copy.deepcopy(base)  # None: the adapter off
-    stops, prompts = stop_ids(tok), rl_prompts(cfg, tok)
+    stops = stop_ids(tok)
     pad = tok.pad_id if tok.pad_id is not None else stops[0]
     if cfg.reward_model:
         reward = load_reward_model(cfg.reward_model, device=device)[0]
     else:
         # the rule reads the user's message, which it finds by the prompts' template
         reward = text_reward(preference_score if cfg.stage == "ppo" else arithmetic_reward, tok, stops, cfg.template)
+    prompts = rl_prompts(cfg, tok, None if cfg.reward_model else reward)
     mini = cfg.per_device_train_batch_size
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
     log = str(Path(cfg.output_dir) / "trainer_log.jsonl")

@@ -106,6 +106,17 @@ def test_seed_picks_the_adapters_initial_weights_whatever_ran_before(tiny_dir):
     assert not torch.equal(first, lora_a(2))
 
 
+def test_grpo_names_the_first_prompt_its_arithmetic_rule_cannot_score_before_training(tiny_dir, tmp_path):
+    rows = [{"instruction": "What is 1+2?", "output": "3"},
+            {"instruction": "Reverse the words: cat dog", "output": "dog cat"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"mixed.jsonl, example 2: the reward rule of stage grpo cannot score this "
+                                         r"prompt \(no 'a\+b=' style problem .* 'Reverse the words: cat dog'\)"):
+        main(["train", "--stage", "grpo", "--model_name_or_path", str(tiny_dir),
+              "--dataset", str(tmp_path / "mixed.jsonl"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert not (tmp_path / "out" / "trainer_log.jsonl").exists()  # stopped before the first step
+
+
 def test_train_refuses_what_is_not_implemented(tiny_dir):
     with pytest.raises(SystemExit, match="stage 'rm' with finetuning_type 'adapter' is not implemented yet"):
         main(["train", "--stage", "rm", "--finetuning_type", "adapter", "--model_name_or_path", str(tiny_dir)])
