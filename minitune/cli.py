@@ -145,6 +145,9 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
         for i, messages in enumerate(load_examples(path).examples):
             turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
             ids = encode_segments(tok, template.segments(turns, add_generation_prompt=True))[0]
+            if len(ids) + cfg.max_new_tokens > cfg.cutoff_len:
+                skipped += 1
+                continue
             try:
                 if rule is not None:
                     rule(ids, [])
@@ -152,9 +155,6 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
                 raise SystemExit(f"error: {path}, example {i + 1}: the reward rule of stage {cfg.stage} cannot "
                                  f"score this prompt ({e}); keep only prompts it can score, or set "
                                  "reward_model to a reward model folder") from None
-            if len(ids) + cfg.max_new_tokens > cfg.cutoff_len:
-                skipped += 1
-                continue
             prompts.append(ids)
     print(f"prompts: {len(prompts)}" + (f" ({skipped} skipped: longer than cutoff_len - max_new_tokens)" if skipped else ""))
     if not prompts:
