@@ -176,6 +176,17 @@ def test_few_trainable_parameters_checkpoint_only_those(tmp_path):
     assert "trainable_params.safetensors" in files and "model.safetensors" not in files
 
 
+def test_resuming_a_checkpoint_of_another_setup_is_an_error_naming_it_not_a_partial_load(tmp_path):
+    model = tiny_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_("norm" in n)
+    train(model, toy_data(), cfg(max_steps=2, save_steps=2, output_dir=str(tmp_path)))  # only the norms saved
+    wider = tiny_model(hidden_size=48)  # the norms again, of another shape; every weight trains
+    with pytest.raises(ValueError, match=r"checkpoint-2: its tensors are not this model's .* trainable ones missing"
+                                         r".* of another shape e\.g\. \['model\.layers\.0\.input_layernorm\.weight'"):
+        train(wider, toy_data(), cfg(max_steps=4, save_steps=2, output_dir=str(tmp_path), resume=True))
+
+
 # ----------------------------------------------------------------------------- the config
 
 

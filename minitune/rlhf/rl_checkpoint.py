@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..atomic import atomic_dir
-from ..train.checkpoint import STATE_FILE, last_checkpoint, rng_state, set_rng_state, trainable_state
+from ..train.checkpoint import STATE_FILE, last_checkpoint, put_weights, rng_state, set_rng_state, trainable_state
 
 __all__ = ["save_rl_checkpoint", "load_rl_checkpoint", "resume_rl", "last_checkpoint"]
 
@@ -56,22 +56,11 @@ def save_rl_checkpoint(output_dir, step: int, models: dict[str, nn.Module], opti
 
 
 def load_trainable(model: nn.Module, file: Path):
-    """Copy a checkpoint's tensors into the model's trainable parameters; they must match one for one."""
+    """Copy a checkpoint's tensors into the model; they must be its trainable parameters."""
     if not file.exists():
         raise ValueError(f"{file}: not found; the checkpoint was written by another setup (a GRPO checkpoint "
                          "has no critic) or is not an RL checkpoint")
-    saved = load_file(file)
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    extra, missing = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
-    reshaped = sorted(n for n in set(saved) & set(own) if saved[n].shape != own[n].shape)
-    if extra or missing or reshaped:
-        raise ValueError(f"{file}: its tensors are not this model's trainable parameters (written with another "
-                         f"finetuning_type, LoRA rank or target?): {len(extra)} unexpected e.g. {extra[:2]}, "
-                         f"{len(missing)} missing e.g. {missing[:2]}, "
-                         f"{len(reshaped)} of another shape e.g. {reshaped[:2]}")
-    with torch.no_grad():
-        for name, t in saved.items():
-            own[name].copy_(t)
+    put_weights(model, load_file(file), file)
 
 
 def load_rl_checkpoint(path, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,

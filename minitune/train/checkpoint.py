@@ -82,6 +82,24 @@ def last_checkpoint(output_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
+def put_weights(model: nn.Module, weights: dict[str, torch.Tensor], source) -> None:
+    """Copy a checkpoint's tensors into the model's parameters of the same names. Each tensor must name
+    a parameter of its shape, and every trainable parameter must be there (a frozen base may be left
+    out): a checkpoint of another model or setup is an error naming `source`, never a partial load."""
+    own = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(own))
+    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in weights)
+    reshaped = sorted(n for n in set(weights) & set(own) if weights[n].shape != own[n].shape)
+    if unknown or missing or reshaped:
+        raise ValueError(f"{source}: its tensors are not this model's (written by another model, finetuning_type, "
+                         f"LoRA rank or target?): {len(unknown)} the model lacks e.g. {unknown[:2]}, {len(missing)} "
+                         f"trainable ones missing e.g. {missing[:2]}, {len(reshaped)} of another shape e.g. "
+                         f"{reshaped[:2]}")
+    with torch.no_grad():
+        for name, t in weights.items():
+            own[name].copy_(t)
+
+
 def load_checkpoint(path, model: nn.Module, optimizer, scheduler, scaler) -> dict:
     """Put a checkpoint's weights and states back in place; returns its info (global_step, ...)."""
     path = Path(path)
@@ -89,17 +107,7 @@ def load_checkpoint(path, model: nn.Module, optimizer, scheduler, scaler) -> dic
         weights = load_file(path / TRAINABLE_FILE)
     else:
         weights = {k: v for f in weight_files(path) for k, v in load_file(f).items()}
-    own = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(own))
-    if unknown:
-        raise ValueError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[:3]} "
-                         "(was it written by a different model or finetuning_type?)")
-    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in weights)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks trainable weights, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            own[name].copy_(t)
+    put_weights(model, weights, path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
