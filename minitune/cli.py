@@ -218,8 +218,8 @@ def run_rl(cfg: TrainConfig):
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)
     # plot_loss: what RL climbs and what holds it back, per step (LLaMA-Factory's PPO plots the reward too)
-    curves = [plot_log(log, Path(cfg.output_dir) / f"training_{key}.png", key) for key in ("reward", "kl")
-              if cfg.plot_loss]
+    curves = [plot_log(log, Path(cfg.output_dir) / f"training_{key}.png", key)
+              for key in ("reward", "kl")] if cfg.plot_loss else []
     print(f"{cfg.stage}: {len(records)} steps in {last['seconds']:.1f} s; reward {first['reward']:.3f} -> "
           f"{last['reward']:.3f}, KL to the reference {last['kl']:.3f}; {saved}; log {log}"
           + (f"; curves {', '.join(map(str, curves))}" if curves else ""))
