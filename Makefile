@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: help env test lessons bench clean download weights
+.PHONY: help env test lessons bench clean download weights pins
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -22,13 +22,15 @@ help:  ## list the targets
 	@echo "make grade          run the graded tests of the exercises: table + grade/results.json (Gradescope shape)"
 	@echo "make grade-NN       the same for lesson NN only"
 	@echo "make env            only create the environment"
+	@echo "make pins           move constraints.txt (the test oracles' pinned versions) to today's releases"
 	@echo "make clean          remove the environment and caches"
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every other package (the test oracles and what they pull in): see `make pins`
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 env: $(VENV)/.installed
@@ -54,6 +56,18 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_lora.py
 	$(PY) bench/bench_tokenizer.py
+
+# move the pins: a scratch environment takes today's releases, and constraints.txt records them;
+# then `make clean test` tells whether the oracles still agree (a failure: keep the old file)
+pins:
+	rm -rf .venv-pins && $(PYTHON) -m venv .venv-pins
+	.venv-pins/bin/python -m pip install -q --upgrade pip
+	.venv-pins/bin/python -m pip install -q "$(TORCH)"
+	.venv-pins/bin/python -m pip install -q -e ".[test]"
+	{ grep '^#' constraints.txt; .venv-pins/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|triton|nvidia|minitune)'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .venv-pins
+	@echo "constraints.txt rewritten; now: make clean test"
 
 MODEL ?= Qwen/Qwen2.5-0.5B-Instruct
 download: $(VENV)/.installed

@@ -88,3 +88,22 @@ def hf_load(path):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def full_forward_greedy(model, ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
+                        positions_from_mask: bool = False) -> torch.Tensor:
+    """Greedy decoding by a full forward pass over the whole sequence at every step (no cache).
+
+    The oracle for PEFT's prompt-learning models: their `generate` path (cache handling, position
+    numbering) changes between releases, while what their forward computes has stayed put.
+    positions_from_mask: number each row's positions from its first real token, padding taking none,
+    as `generate` does with a left-padded batch (PEFT's prefix model then adds its N virtual
+    positions itself); False leaves the positions to the model's forward."""
+    seq = ids
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if positions_from_mask else {}
+            nxt = model(input_ids=seq, attention_mask=mask, **extra).logits[:, -1].argmax(-1, keepdim=True)
+            seq, mask = torch.cat([seq, nxt], dim=1), torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return seq

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hf_factory import hf_model, rel_error, write_checkpoint
+from hf_factory import full_forward_greedy, hf_model, rel_error, write_checkpoint
 from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 import minitune
@@ -89,10 +89,9 @@ def test_p_tuning_count_formula(encoder, hidden, layers):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_greedy_generate_equals_peft_generate(checkpoints, method):
+def test_greedy_generate_equals_peft_full_forward_greedy(checkpoints, method):
     ours, ref = METHODS[method](checkpoints, "llama2")
-    with torch.no_grad():
-        want = ref.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=10, do_sample=False)
+    want = full_forward_greedy(ref, IDS, 10)  # PEFT's forward, not its generate path (changes between releases)
     assert torch.equal(minitune.generate(ours, IDS, 10), want)
 
 

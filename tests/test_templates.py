@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from minitune.data.templates import (BOS, EOS, QWEN_DEFAULT_SYSTEM, TEMPLATES, get_template, render,
-                                     render_segments)
+from minitune.data.templates import (BOS, EOS, QWEN_DEFAULT_SYSTEM, TEMPLATES, TemplateError, get_template,
+                                     render, render_segments)
 
 # Qwen/Qwen2.5-7B-Instruct tokenizer_config.json "chat_template" (same for all Qwen2.5 Instruct sizes).
 QWEN25_TEMPLATE = r"""{%- if tools %}
@@ -327,5 +327,5 @@ def test_out_of_order_roles_are_refused(messages, error):
 
 
 def test_get_template_names_the_known_templates_on_a_typo():
-    with pytest.raises(KeyError, match="known: chatml, qwen"):
+    with pytest.raises(TemplateError, match=r"known: chatml, qwen"):
         get_template("qwen2")

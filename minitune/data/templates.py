@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 # Private-use characters: they cannot clash with anything a real tokenizer or dataset writes.
 BOS = "\ue000BOS\ue001"
 EOS = "\ue000EOS\ue001"
@@ -231,6 +233,10 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+class TemplateError(UserError):
+    """A template name minitune does not have; the message lists the known ones."""
+
+
 def get_template(name: str | Template) -> Template:
     """Look a template up by name (a ``Template`` passes through unchanged)."""
     if isinstance(name, Template):
@@ -238,7 +244,7 @@ def get_template(name: str | Template) -> Template:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise KeyError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise TemplateError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})") from None
 
 
 def render(template: str | Template, messages: list[dict], add_generation_prompt: bool = False) -> str:
