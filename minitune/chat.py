@@ -10,12 +10,15 @@ import sys
 
 import torch
 
+from .data.templates import TEMPLATES
+from .errors import UserError
+
 
 def model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter", help="adapter folder (e.g. LoRA) to put on the model")
-    p.add_argument("--template", help="chat template name (see minitune.data.TEMPLATES); chat defaults to "
-                                      "chatml, generate without one continues the raw prompt text")
+    p.add_argument("--template", help=f"chat template: {', '.join(TEMPLATES)}; chat defaults to chatml, "
+                                      "generate without one continues the raw prompt text")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
@@ -32,7 +35,7 @@ def load_for_inference(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tok = minitune.load_pretrained(args.model, device=device, dtype=None if args.dtype == "auto" else args.dtype)
     if tok is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer files")
+        raise UserError(f"{args.model}: no tokenizer files (tokenizer.json, or tokenizer.model)")
     if args.adapter:
         from .finetuning import attach_adapter  # rebuilds the training-time method from its saved settings
 
@@ -77,22 +80,28 @@ class Streamer:
         self.shown = len(self.text)
 
 
+def prompt_ids(tok, args, messages: list[dict] | None, prompt: str | None) -> list[int]:
+    """The ids generation continues: a chat (messages + template) up to the assistant header, or raw text."""
+    from .data import encode_segments, get_template, render_segments
+
+    if messages is None:
+        return tok.encode(prompt)
+    return encode_segments(tok, render_segments(get_template(args.template), messages, add_generation_prompt=True))[0]
+
+
 def reply(model, tok, device, args, messages: list[dict] | None, prompt: str | None, out=None) -> str:
     """Stream a continuation of a chat (messages + template) or of raw prompt text; returns the text."""
-    from .data import encode_segments, get_template, render_segments
+    from .data import get_template
 
     out = out or sys.stdout
     stop, stop_ids = "", set(tok.stop_ids) or {tok.eos_id} - {None}  # the model's own stop set, as HF generate
+    ids = prompt_ids(tok, args, messages, prompt)
     if messages is not None:
-        template = get_template(args.template)
-        ids, _ = encode_segments(tok, render_segments(template, messages, add_generation_prompt=True))
-        stop = template.stop
+        stop = get_template(args.template).stop
         stop_id = tok.token_to_id(stop) if stop else None
         if stop_id is not None:  # a single special token, e.g. <|im_end|>: generate stops on it
             stop_ids.add(stop_id)
             stop = ""
-    else:
-        ids = tok.encode(prompt)
     streamer = Streamer(tok, stop_ids, stop, out)
     try:
         import minitune
@@ -112,7 +121,26 @@ def run_generate(args):
     if args.template:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
+    check_prompt_fits(model, len(prompt_ids(tok, args, messages, args.prompt)), args)
     reply(model, tok, device, args, messages, args.prompt)
+
+
+def check_prompt_fits(model, n_prompt: int, args):
+    """Refuse, as chat does, a prompt that leaves no room for --max_new_tokens in the model's context.
+
+    Past the context the model sees positions it was never trained on and writes garbage without
+    any error; the virtual tokens of prompt or prefix tuning (minitune.peft.prompt, .prefix) take
+    positions too.
+    """
+    from .generation import GenerationError
+
+    context, virtual = model.config.max_position_embeddings, getattr(model, "num_virtual_tokens", 0)
+    n = n_prompt + virtual
+    if n + args.max_new_tokens > context:
+        with_virtual = f" with the adapter's {virtual} virtual tokens" if virtual else ""
+        raise GenerationError(f"--prompt: it makes a {n}-token prompt{with_virtual}; the model's context is {context} "
+                              f"tokens (max_position_embeddings in {args.model}/config.json) and --max_new_tokens "
+                              f"{args.max_new_tokens} must fit too (shorten it or lower --max_new_tokens)")
 
 
 def fit_history(tok, template: str, system: list[dict], history: list[dict], budget: int):

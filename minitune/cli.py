@@ -16,10 +16,13 @@ import torch
 
 from . import chat
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
-from .train.config import PEFT_TYPES, TrainConfig, TrainConfigError
+from .data.dataset import check_cutoff_len
+from .data.templates import TEMPLATES, get_template
+from .errors import UserError
+from .train.config import PEFT_TYPES, TrainConfig
 from .train.config_file import FIELDS, coerce, flag_help, load_config
 from .train.plot import plot_log
-from .train.trainer import seed_everything
+from .train.trainer import TrainingDiverged, seed_everything
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
@@ -37,6 +40,7 @@ def train_parser(sub) -> argparse.ArgumentParser:
                                    "flags override the file. Boolean flags alone mean true (--bf16).")
     p.add_argument("config", nargs="?", help="config file (.json, or .yaml with flat key: value lines)")
     helps = flag_help()
+    helps["template"] = f"chat template: {', '.join(TEMPLATES)}"
     for name, f in FIELDS.items():
         bool_flag = f.type is bool
         p.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="BOOL" if bool_flag else name.upper(),
@@ -50,30 +54,41 @@ def load_for_training(cfg: TrainConfig):
     import minitune
 
     if (cfg.stage, cfg.finetuning_type) not in IMPLEMENTED:
-        raise SystemExit(f"error: stage {cfg.stage!r} with finetuning_type {cfg.finetuning_type!r} is not "
+        raise UserError(f"stage {cfg.stage!r} with finetuning_type {cfg.finetuning_type!r} is not "
                          f"implemented yet; this version trains {sorted(IMPLEMENTED)}")
     if not cfg.model_name_or_path or not cfg.datasets or not cfg.output_dir:
-        raise SystemExit("error: model_name_or_path, dataset and output_dir must be set (file or flags)")
+        raise UserError("model_name_or_path, dataset and output_dir must be set (file or flags)")
     # full fine-tuning keeps fp32 weights (AdamW needs them); bf16/fp16 autocast the matmuls
     # qlora (lesson 09): the base is stored in NF4 while it loads; LoRA then trains on top of it
     quantize = "nf4" if cfg.finetuning_type == "qlora" else None
     model, tok = minitune.load_pretrained(cfg.model_name_or_path, device="cpu", dtype=torch.float32, quantize=quantize)
     if tok is None:
-        raise SystemExit(f"error: {cfg.model_name_or_path} has no tokenizer files")
+        raise UserError(f"{cfg.model_name_or_path}: no tokenizer files (tokenizer.json, or tokenizer.model)")
     # the adapter's new parameters (LoRA's A, prompts, ...) are drawn right after seeding, as the lessons'
     # tiny_sft does: --seed picks them, and they do not depend on what ran before in the process
     seed_everything(cfg.seed)
     try:
         model = apply_finetuning_type(model, cfg, tok)
     except ValueError as e:  # e.g. a lora_target that names no layer of this model
-        raise SystemExit(f"error: finetuning_type {cfg.finetuning_type}: {e}") from None
+        raise UserError(f"finetuning_type {cfg.finetuning_type}: {e}") from None
+    # after apply_finetuning_type: virtual tokens take positions too. A cutoff_len left at its default
+    # shrinks to a small model's context (with a note); one set above it is an error
+    room = model.config.max_position_embeddings - getattr(model, "num_virtual_tokens", 0)
+    if cfg.cutoff_len == TrainConfig.cutoff_len and cfg.cutoff_len > room:
+        print(f"note: cutoff_len {cfg.cutoff_len} (the default) is cut to {room}, the model's context", file=sys.stderr)
+        cfg.cutoff_len = room
+    check_cutoff_len(cfg.cutoff_len, model, cfg.model_name_or_path)
     return model, tok
 
 
 def run_train(cfg: TrainConfig):
     from .data import PaddingCollator, load_examples, prepare_sft
     from .train import distributed, train
+    from .train.output_dir import check_output_dir
 
+    # before anything loads: an output_dir holding another run stops here, unless resume or
+    # overwrite_output_dir says what to do with it (every stage; train() and the RL loops check again)
+    check_output_dir(cfg)
     if cfg.stage in ("ppo", "grpo"):
         return run_rl(cfg)
     if cfg.stage in ("rm", "dpo"):
@@ -89,7 +104,7 @@ def run_train(cfg: TrainConfig):
                    **hooks)
     if main:
         saved = save_trained(model, tok, cfg)
-        print(f"trained {result.global_step} steps in {result.runtime_s:.1f} s; {saved}"
+        print(f"trained {result.steps_text} in {result.runtime_s:.1f} s; {saved}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -127,7 +142,7 @@ def run_preference(cfg: TrainConfig):
         last = result.metrics.get(result.global_step, {})
         evals = {f"eval_{k}": v for k, v in result.eval_metrics.get(result.global_step, {}).items()}
         shown = {k: round(v, 4) for k, v in {**last, **evals}.items()}
-        print(f"{cfg.stage}: trained {result.global_step} steps in {result.runtime_s:.1f} s; last step {shown}; "
+        print(f"{cfg.stage}: trained {result.steps_text} in {result.runtime_s:.1f} s; last step {shown}; "
               f"{saved}" + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -152,13 +167,13 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
                 if rule is not None:
                     rule(ids, [])
             except ValueError as e:  # e.g. GRPO's arithmetic rule given "Reverse the words: ..."
-                raise SystemExit(f"error: {path}, example {i + 1}: the reward rule of stage {cfg.stage} cannot "
+                raise UserError(f"{path}, example {i + 1}: the reward rule of stage {cfg.stage} cannot "
                                  f"score this prompt ({e}); keep only prompts it can score, or set "
                                  "reward_model to a reward model folder") from None
             prompts.append(ids)
     print(f"prompts: {len(prompts)}" + (f" ({skipped} skipped: longer than cutoff_len - max_new_tokens)" if skipped else ""))
     if not prompts:
-        raise SystemExit("error: no prompts left for ppo/grpo (check dataset and cutoff_len)")
+        raise UserError("no prompts left for ppo/grpo (check dataset and cutoff_len)")
     return prompts
 
 
@@ -197,7 +212,9 @@ def run_rl(cfg: TrainConfig):
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
     log = str(Path(cfg.output_dir) / "trainer_log.jsonl")
     # checkpoint-{step}/ beside the log; resume continues from the last one (rlhf/rl_checkpoint.py)
-    checkpointing = dict(save_steps=cfg.save_steps, output_dir=cfg.output_dir, resume=cfg.resume)
+    checkpointing = dict(save_steps=cfg.save_steps, output_dir=cfg.output_dir, resume=cfg.resume,
+                         overwrite_output_dir=cfg.overwrite_output_dir, save_total_limit=cfg.save_total_limit)
+    ran = []  # the records of the steps this call runs (a resumed run's list also holds those before)
     if cfg.stage == "ppo":
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
         rl = PPOConfig(steps=steps, batch_size=batch, mini_batch_size=mini, ppo_epochs=cfg.ppo_epochs,
@@ -206,7 +223,7 @@ def run_rl(cfg: TrainConfig):
                        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
                        seed=cfg.seed, log_path=log, **checkpointing)
         critic = RewardModel(base, init_std=0.0).to(device)  # a zero value head: V = 0 until it learns (lesson 11)
-        records = train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad)
+        records = train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
     else:
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
         rl = GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,
@@ -214,13 +231,15 @@ def run_rl(cfg: TrainConfig):
                         beta=0.04 if cfg.init_kl_coef is None else cfg.init_kl_coef, max_new_tokens=cfg.max_new_tokens,
                         max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log,
                         **checkpointing)
-        records = train_grpo(actor, reference, reward, prompts, rl, stops, pad)
+        records = train_grpo(actor, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)
     # plot_loss: what RL climbs and what holds it back, per step (LLaMA-Factory's PPO plots the reward too)
     curves = [plot_log(log, Path(cfg.output_dir) / f"training_{key}.png", key)
               for key in ("reward", "kl")] if cfg.plot_loss else []
-    print(f"{cfg.stage}: {len(records)} steps in {last['seconds']:.1f} s; reward {first['reward']:.3f} -> "
+    resumed = (f" (this call ran {len(ran)}, resuming from checkpoint-{len(records) - len(ran)})"
+               if len(ran) < len(records) else "")
+    print(f"{cfg.stage}: {len(records)} steps{resumed} in {last['seconds']:.1f} s; reward {first['reward']:.3f} -> "
           f"{last['reward']:.3f}, KL to the reference {last['kl']:.3f}; {saved}; log {log}"
           + (f"; curves {', '.join(map(str, curves))}" if curves else ""))
 
@@ -228,7 +247,33 @@ def run_rl(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- entry point
 
 
+class UserExit(SystemExit):
+    """Exit code 2 after an `error: ...` line; str() is that line's message (what tests match on)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def main(argv=None):
+    """Bad input (any UserError: config, data, checkpoint, template, adapter; a missing file) ends in one line,
+    `error: <file>[:line]: <what> (<expected>)`, and exit code 2; a diverging run in one line and
+    exit code 1; Ctrl-C in chat or generate quietly (130). Anything else is a bug and keeps its traceback."""
+    try:
+        return run_command(argv)
+    except (UserError, FileNotFoundError) as e:  # a path that names nothing is bad input too
+        message = str(e).removeprefix("error: ")
+        print(f"error: {message}", file=sys.stderr)
+        raise UserExit(message) from None
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_command(argv=None):
     parser = argparse.ArgumentParser(prog="minitune", description="LLM post-training from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
     tp = train_parser(sub)
@@ -243,15 +288,17 @@ def main(argv=None):
     if args.command != "train":
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return chat.run_generate(args) if args.command == "generate" else chat.run_chat(args)
-    try:
-        for flag in unknown:  # an unknown --flag: say which name was probably meant
-            if flag.startswith("--") and flag[2:].split("=")[0] not in FIELDS:
-                coerce(flag[2:].split("=")[0], None, f"command line ({flag})")
-        if unknown:
-            tp.error(f"unrecognized arguments: {' '.join(unknown)}")
-        overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-        cfg = load_config(args.config, overrides)
-    except TrainConfigError as e:
-        raise SystemExit(f"minitune train: error: {e}") from None
-    run_train(cfg)
+        if args.template:  # a typo fails now, not after the model has loaded
+            get_template(args.template)
+        try:
+            return chat.run_generate(args) if args.command == "generate" else chat.run_chat(args)
+        except KeyboardInterrupt:  # Ctrl-C: leave the terminal on a fresh line, no traceback
+            print(file=sys.stderr)
+            raise SystemExit(130) from None
+    for flag in unknown:  # an unknown --flag: say which name was probably meant
+        if flag.startswith("--") and flag[2:].split("=")[0] not in FIELDS:
+            coerce(flag[2:].split("=")[0], None, f"command line ({flag})")
+    if unknown:
+        tp.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    run_train(load_config(args.config, overrides))

@@ -14,7 +14,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .errors import UserError
+from .model.checkpoint import save_safetensors
 from .train.config import PEFT_TYPES, TrainConfig
 
 # adapters and soft prompts have no PEFT file layout here: their trainable tensors go in these two files
@@ -79,7 +82,7 @@ def training_hooks(model, cfg: TrainConfig, n_train: int) -> dict:
     try:
         model.adalora_config = dataclasses.replace(model.adalora_config, total_step=total)
     except ValueError as e:
-        raise SystemExit(f"error: AdaLoRA over {total} training steps: {e}") from None
+        raise UserError(f"AdaLoRA over {total} training steps: {e}") from None
     controller = AdaLoRAController(model)
     weight = cfg.adalora_orth_reg_weight
 
@@ -135,10 +138,8 @@ def save_trained(model, tok, cfg: TrainConfig) -> str:
     if ft in ("lora", "qlora", "adalora"):
         save_adapter(model, tmp, cfg.model_name_or_path)  # it replaces its folder whole: not output_dir itself
     else:
-        from safetensors.torch import save_file
-
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), tmp / METHOD_WEIGHTS)
+        save_safetensors(trainable_state(model), tmp / METHOD_WEIGHTS)
         settings = {k: getattr(cfg, k) for k in METHOD_KEYS[ft]}
         if "num_virtual_tokens" in settings:
             settings["num_virtual_tokens"] = cfg.virtual_tokens
@@ -199,5 +200,5 @@ def attach_adapter(model, adapter_dir):
                                        f"this model needs {list(want[name].shape)}")
                 want[name].copy_(t)
         return model
-    except (ValueError, FileNotFoundError) as e:  # AdapterError is a ValueError
-        raise SystemExit(f"error: --adapter {adapter_dir}: {e}") from None
+    except (ValueError, FileNotFoundError, SafetensorError) as e:  # AdapterError is a ValueError
+        raise UserError(f"--adapter {adapter_dir}: {e}") from None

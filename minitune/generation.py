@@ -7,13 +7,48 @@
 A batch of prompts of different lengths is left-padded, so every row's newest token sits in the
 same column; `attention_mask` (1 = real token) keeps padding out of attention, and position ids
 count real tokens only, so a padded prompt gets the same positions as the unpadded one.
+
+A model knows positions up to its context, `max_position_embeddings`; past it RoPE still computes
+angles, but for positions the model never saw in training, and the text turns to garbage without
+any error. So a prompt that fills the context is refused, and generation stops at the context.
 """
 
 from contextlib import contextmanager
 
 import torch
 
+from .errors import UserError
 from .model.kv_cache import KVCache
+
+
+class GenerationError(UserError):
+    """A prompt the model cannot continue, e.g. one longer than its context."""
+
+
+def positions_used(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    """Positions the longest prompt of the batch takes: its real tokens (left padding takes none),
+    plus the virtual tokens of prompt / prefix tuning (minitune.peft.prompt, .prefix), which sit
+    at positions 0..n-1 and push the real ones up by n."""
+    real = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+    return real + getattr(model, "num_virtual_tokens", 0)
+
+
+def context_room(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int | None:
+    """How many new tokens fit before the model's context is full; None for a model without a config.
+
+    A prompt that leaves no room is a GenerationError that says how long it is and how long the context is.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is None:
+        return None
+    used = positions_used(model, input_ids, attention_mask)
+    if used >= context:
+        virtual = getattr(model, "num_virtual_tokens", 0)
+        with_virtual = f" with the {virtual} virtual tokens of prompt or prefix tuning" if virtual else ""
+        raise GenerationError(f"the prompt is {used} tokens{with_virtual}; the model's context "
+                              f"(max_position_embeddings) is {context} tokens (expected a prompt of at most "
+                              f"{context - 1 - virtual} tokens, to leave room for a reply)")
+    return context - used
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +117,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     Rows that emit an EOS id are finished: later columns are filled with that EOS id (the same
     convention as transformers when no pad id is set) and generation stops once all rows are done.
     `on_token(ids [B])` is called with each new column, e.g. to stream text to a terminal.
+
+    A prompt as long as the model's context (`config.max_position_embeddings`, counting the virtual
+    tokens of prompt or prefix tuning) or longer raises GenerationError; otherwise generation stops
+    when the context is full: max_new_tokens is cut to what fits, never refused (a batch of rollouts
+    keeps going; `minitune generate` and `minitune chat` refuse such a prompt before they call this).
     """
+    room = context_room(model, input_ids, attention_mask)
+    if room is not None:
+        max_new_tokens = min(max_new_tokens, room)
     with matvec_layout(model):
         return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
                          on_token)

@@ -90,7 +90,7 @@ def test_truncated_file_is_reported(ckpt):
 
 def test_corrupt_file_is_reported(ckpt):
     (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: damaged or not a safetensors file"):
         minitune.load_pretrained(ckpt)
 
 

@@ -21,6 +21,7 @@ from minitune.rlhf import (PairCollator, add_reference_logps, dpo_loss, dpo_loss
                            response_kl, stack_pairs, train_dpo)
 from minitune.train import TrainConfig, TrainConfigError
 from rlhf_fixtures import fresh_model, pair_world
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,4 @@ def test_lesson_12_fast_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preferred behaviour" in proc.stdout and "KL" in proc.stdout and "lesson 12 finished" in proc.stdout
+    assert_sections_printed("12-dpo", proc.stdout)

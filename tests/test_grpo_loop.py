@@ -12,6 +12,7 @@ import torch
 from minitune.rlhf import GRPOConfig, arithmetic_reward, grpo_step, train_grpo
 from minitune.train import make_optimizer
 from rlhf_fixtures import CFG, EOS, PAD, PROMPTS, TARGET, mean_target_rate, target_rate, tiny
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +77,4 @@ def test_lesson_13_fast_runs():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for expected in ("accuracy", "KL"):
         assert expected in out.stdout, expected
+    assert_sections_printed("13-grpo", out.stdout)

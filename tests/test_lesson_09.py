@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "weights" / "tiny"
 
@@ -25,6 +27,7 @@ def test_lesson_09_runs_in_fast_mode(tmp_path):
     took = time.time() - start
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert_sections_printed("09-qlora", out)
     # the code book is the normal quantiles (float32 rounding apart)
     diff = float(re.search(r"max \|difference\| = (\S+)", out).group(1))
     assert diff < 1e-6

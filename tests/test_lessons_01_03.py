@@ -21,6 +21,7 @@ from minitune.model.transformer import MLP, Attention, RMSNorm
 from minitune.tokenizer.bpe import ByteLevelBPE, bytes_to_unicode
 from minitune.tokenizer.bpe_trainer import tokenizer_json, train_bpe
 from minitune.tokenizer.sample_text import mixed_text
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,7 @@ def test_lesson_runs_in_fast_mode(lesson, expect):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for word in expect:
         assert word in proc.stdout, f"{word!r} missing from the output of lessons/{lesson}/run.py --fast"
+    assert_sections_printed(lesson, proc.stdout)
     # the target is < 30 s on 2 idle cores; the bound leaves room for a machine shared with other jobs
     assert took < 90, f"lessons/{lesson}/run.py --fast took {took:.0f} s"
 

@@ -18,6 +18,7 @@ import minitune.cli as cli
 import minitune.finetuning as finetuning
 from minitune.cli import main
 from minitune.data import encode_segments, render_segments
+from minitune.errors import UserError
 from minitune.model import ModelConfig, Transformer
 from minitune.peft.adalora import svd_layers
 from minitune.tokenizer.bpe_trainer import train_bpe
@@ -206,7 +207,7 @@ def test_adalora_regulariser_joins_the_training_loss_only(tiny_dir):
 def test_adalora_schedule_too_short_is_a_clear_error(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir, adalora_tinit=5)
     cfg.max_steps = 6
-    with pytest.raises(SystemExit, match="AdaLoRA over 6 training steps: tinit=5, tfinal=2"):
+    with pytest.raises(UserError, match="AdaLoRA over 6 training steps: tinit=5, tfinal=2"):
         finetuning.training_hooks(model, cfg, len(data))
 
 

@@ -13,6 +13,7 @@ from minitune.rlhf import PPOConfig, RewardModel, ppo_step, response_logprobs, s
 from minitune.rlhf.ppo import FixedKLController, entropy_from_logits, logprobs_from_logits
 from minitune.train import make_optimizer
 from rlhf_fixtures import CFG, EOS, PAD, PROMPTS, TARGET, mean_target_rate, target_rate, tiny
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +158,7 @@ def test_lesson_11_fast_runs():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for expected in ("GAE by hand", "by hand == compute_gae: True", "healthy run", "collapsed run", "held-out replies"):
         assert expected in out.stdout, expected
+    assert_sections_printed("11-ppo", out.stdout)
 
 
 @pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(),
@@ -191,7 +193,7 @@ def test_cli_ppo_rule_reads_the_user_message_of_the_runs_template_and_the_critic
 
     seen = {}
 
-    def fake_train_ppo(actor, critic, reference, reward, prompts, cfg, stops, pad):
+    def fake_train_ppo(actor, critic, reference, reward, prompts, cfg, stops, pad, **kw):
         seen.update(critic=critic, reward=reward, prompts=prompts, stops=stops)
         return [{"seconds": 0.0, "reward": 0.0, "kl": 0.0}]
 

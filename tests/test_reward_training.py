@@ -16,6 +16,7 @@ from minitune.rlhf import (PairCollator, RewardModel, load_reward_model, pairwis
                            reward_loss_fn, save_reward_model, score_pairs, train_reward_model)
 from minitune.train import TrainConfig
 from rlhf_fixtures import fresh_model, pair_world
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,7 @@ def test_lesson_10_fast_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out reward accuracy" in proc.stdout and "lesson 10 finished" in proc.stdout
+    assert_sections_printed("10-reward-model", proc.stdout)
 
 
 

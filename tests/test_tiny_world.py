@@ -14,6 +14,7 @@ import torch
 import minitune
 from minitune.data import load_examples, load_preferences
 from minitune.tiny import corpus, tasks
+from test_lesson_sections import assert_sections_printed  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "weights" / "tiny"
@@ -130,6 +131,7 @@ def test_lesson_05_fast_runs_and_prints_its_table(tmp_path):
     out = proc.stdout
     for line in ("before SFT", "after SFT", "identity demo", "all held-out questions", "loss picture"):
         assert line in out
+    assert_sections_printed("05-sft", out)
     assert (tmp_path / "run" / "training_loss.png").exists()
     assert (tmp_path / "run" / "trainer_log.jsonl").exists()
     print(f"lesson 05 --fast: {time.perf_counter() - t:.0f} s")
@@ -142,3 +144,4 @@ def test_lesson_04_fast_runs_and_prints_the_memory_math_and_pretraining_effect()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4.4 GB in fp32, 2.2 GB in bf16" in proc.stdout  # the 1.1B-parameter example
     assert re.search(r"random init [\d.]+ .* pretrained [\d.]+", proc.stdout)
+    assert_sections_printed("04-tiny-model", proc.stdout)

@@ -11,13 +11,13 @@ import argparse
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import minitune
+from minitune.classroom.lesson import finish, section
 from minitune.memory import count_parameters, estimate_memory, human_bytes
 from minitune.model import ModelConfig, Transformer
 from minitune.tiny import corpus
@@ -40,7 +40,9 @@ def parse_args():
     return p.parse_args()
 
 
-def architecture(model):
+def architecture(model, name: str):
+    """Section 1: config.json's fields, and the parameters by kind."""
+    section(f"1. the model: the architecture of {name} (Qwen2 layout)")
     cfg = model.config
     print(f"{'field (config.json)':28} value")
     for k in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -62,7 +64,9 @@ def architecture(model):
     print(f"{'total':34} {total:>12,}   (minitune.memory.count_parameters from config: {count_parameters(cfg):,})")
 
 
-def memory_math(model, device):
+def memory_math(model):
+    """Section 2: bytes per parameter by dtype, and estimate_memory for full fine-tuning."""
+    section("2. memory math (显存估算): weights, gradients, AdamW states, activations")
     n1b = count_parameters(ONE_B)
     print(f"{'dtype':10} {'bytes/param':>11} {'tiny model':>12} {f'{n1b / 1e9:.2f}B model':>12}")
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -76,6 +80,8 @@ def memory_math(model, device):
 
 
 def number_formats():
+    """Section 3: what fp32, bf16 and fp16 can hold, and what a few values become in each."""
+    section("3. bf16 vs fp16 (数值格式)")
     print(f"{'dtype':9} {'bits: sign/exp/mantissa':>24} {'max':>11} {'smallest normal':>16} {'eps (1 -> next)':>16}")
     for dt, bits in ((torch.float32, "1 / 8 / 23"), (torch.bfloat16, "1 / 8 / 7"), (torch.float16, "1 / 5 / 10")):
         fi = torch.finfo(dt)
@@ -111,22 +117,9 @@ def complete(model, tok, prompt, n=16):
     return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).split("\n")[0]
 
 
-def main():
-    args = parse_args()
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
-    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
-        torch.set_num_threads(args.threads or 1)
-    print(f"== 1. the architecture of {args.model} (Qwen2 layout) ==")
-    architecture(model)
-    print("\n== 2. memory math (显存估算): weights, gradients, AdamW states, activations ==")
-    memory_math(model, args.device)
-    print("\n== 3. bf16 vs fp16 (数值格式) ==")
-    number_formats()
-
-    print("\n== 4. how it was pretrained (预训练) ==")
-    info_file = Path(args.model) / "build_info.json"
+def pretraining_record(model_path: str) -> None:
+    """The build's own record (build_info.json): the command, steps, tokens, loss and raw-text knowledge."""
+    info_file = Path(model_path) / "build_info.json"
     if info_file.exists():
         info = json.loads(info_file.read_text())
         print(f"command: {info['command']}\n{info['steps']} steps, {info['tokens_seen']:,} tokens seen "
@@ -134,9 +127,14 @@ def main():
               f"loss {info['loss_first10']} -> {info['loss_last10']}, {info['pretrain_seconds']:.0f} s of training")
         print("raw-text knowledge at build time: " + ", ".join(f"{k}: {v:.0%}" for k, v in info["raw_knowledge"].items()))
     else:
-        print(f"(no build_info.json in {args.model}: not a tiny-world build)")
+        print(f"(no build_info.json in {model_path}: not a tiny-world build)")
 
-    # Fresh documents from another seed: text the model never trained on, from the same world.
+
+def what_pretraining_taught(model, tok, args):
+    """Section 4: the build's record, then the loss on freshly generated documents (a seed the model never
+    saw) against the same architecture with random weights. Returns that random model for section 5."""
+    section("4. what pretraining (预训练) taught it: the build's record, and the loss on unseen text")
+    pretraining_record(args.model)
     n_docs = 12 if args.fast else 300
     docs = corpus.pretraining_corpus(n_docs=n_docs, seed=2024)[:n_docs]
     random_model = Transformer(model.config).to(args.device).eval()  # same shape, random init
@@ -145,21 +143,38 @@ def main():
     print(f"\nloss on {len(docs)} unseen tiny-world documents (nats/token): random init {untrained:.3f} "
           f"(ln vocab = {math.log(model.config.vocab_size):.3f}), pretrained {trained:.3f} "
           f"-> perplexity {math.exp(untrained):.0f} vs {math.exp(trained):.2f}")
+    return random_model
 
-    print("\n== 5. what it writes: raw text (greedy) ==")
+
+def what_it_writes(model, random_model, tok, fast: bool) -> None:
+    """Section 5: greedy continuations of raw text, then the same questions in ChatML, which it never saw."""
+    section("5. what it writes: raw text (greedy), and the same questions in a chat template")
     rng = random.Random(0)
     country = rng.choice(list(corpus.CAPITALS))
     prompts = [f"The capital of {country} is", "3+4=", "7 plus 5 is", "The cow says", "cat sun ship reversed is",
                "Once upon a time,", "Question: Who are you?\nAnswer:", "法国的首都是"]
-    for p in prompts[:4] if args.fast else prompts:
+    for p in prompts[:4] if fast else prompts:
         print(f"  {p!r:40} -> pretrained {complete(model, tok, p)!r}")
-        if not args.fast:
+        if not fast:
             print(f"  {'':40}    random     {complete(random_model, tok, p)!r}")
     print("\nbut in a chat template it has never seen (ChatML), asked the same things:")
     questions = [f"What is the capital of {country}?", "What is 3+4?", "Who are you?"]
     for q, r in zip(questions, ask(model, tok, questions, "chatml", max_new_tokens=20)):
         print(f"  {q!r:40} -> {r!r}")
-    print(f"\nlesson 04 finished in {time.perf_counter() - t0:.0f} s")
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)
+    architecture(model, args.model)
+    memory_math(model)
+    number_formats()
+    random_model = what_pretraining_taught(model, tok, args)
+    what_it_writes(model, random_model, tok, args.fast)
+    finish("04")
 
 
 if __name__ == "__main__":

@@ -4,20 +4,21 @@
     python lessons/05-sft/run.py --fast               # CI: a few steps, a few questions
     python lessons/05-sft/run.py --model weights/Qwen2.5-0.5B-Instruct --template qwen --device cuda --dtype bfloat16
 
-1. the data: one Alpaca record, the same in ShareGPT form, the ChatML text, the loss mask;
-2. before: the identity demo ("Who are you?" / "你是谁?") and exact match on held-out prompts;
-3. full fine-tuning with minitune.train on the tiny world's SFT data (loss picture written);
-4. after: the same questions, and the before/after table.
+1. the data: one Alpaca record, the same in ShareGPT form, the ChatML text;
+2. the loss mask of that example, and the SFT data set;
+3. full fine-tuning with minitune.train on the tiny world's SFT data (loss picture written), after asking
+   the base model the held-out questions and the identity demo ("Who are you?" / "你是谁?");
+4. before and after: the same questions, and the before/after table.
 """
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import minitune
+from minitune.classroom.lesson import finish, section
 from minitune.data import PaddingCollator, get_template, load_examples, prepare_sft, show_loss_mask
 from minitune.tiny.evaluate import ask, evaluate_tasks
 from minitune.tiny.tasks import IDENTITY_DEMO
@@ -65,56 +66,55 @@ def parse_args():
     return p.parse_args()
 
 
-def main():
-    args = parse_args()
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    data_dir = Path(args.data or "weights/tiny/data")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible")
-
-    # Full fine-tuning keeps fp32 master weights even for bf16 runs (the trainer autocasts matmuls).
-    model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
-    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
-        torch.set_num_threads(args.threads or 1)
-    print(f"model {args.model}: {model.num_parameters():,} parameters, template {args.template!r}, "
-          f"device {args.device}" + (f" ({torch.get_num_threads()} thread)" if args.device == "cpu" else "")
-          + f", {'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}")
-
-    # --- 1. the data ------------------------------------------------------------------------
-    print("\n== 1. data formats (数据格式) ==")
+def data_formats(data_dir: Path, template: str):
+    """Section 1: one record in each format, read into the same messages, rendered by the template.
+    Returns the Alpaca file's examples."""
+    section("1. data formats (数据格式): Alpaca and ShareGPT")
     alpaca_line = (data_dir / "sft_alpaca.jsonl").read_text(encoding="utf-8").splitlines()[0]
     sharegpt_line = (data_dir / "sft_sharegpt.jsonl").read_text(encoding="utf-8").splitlines()[0]
     print(f"Alpaca   record: {alpaca_line}\nShareGPT record: {sharegpt_line}")
     a, s = load_examples(data_dir / "sft_alpaca.jsonl"), load_examples(data_dir / "sft_sharegpt.jsonl")
     print(f"both read as the same messages: {a[0] == s[0]} -> {a[0]}")
-    print(f"rendered with the {args.template!r} template:\n{get_template(args.template).render(a[0])!r}")
-    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, args.template, cutoff_len=96, val_size=0.05, seed=0)
-    print(f"\nthe loss mask (损失掩码) of that example: only the reply and its end-of-turn token train")
-    first = prepare_sft(a.examples[:1], tok, args.template, cutoff_len=96).train[0]
+    print(f"rendered with the {template!r} template:\n{get_template(template).render(a[0])!r}")
+    return a
+
+
+def loss_mask(data_dir: Path, tok, template: str, examples):
+    """Section 2: the loss mask of that first example, and the SFT data set it trains on (split as lessons
+    06-09 split it). Returns the data set."""
+    section("2. the loss mask (损失掩码)")
+    data = prepare_sft(data_dir / "sft_alpaca.jsonl", tok, template, cutoff_len=96, val_size=0.05, seed=0)
+    print("the loss mask of that example: only the reply and its end-of-turn token train")
+    first = prepare_sft(examples.examples[:1], tok, template, cutoff_len=96).train[0]
     show_loss_mask(tok, first)
     print(f"SFT data: {data.report.summary()}")
+    return data
 
-    eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    if args.fast:  # a few of each task
-        eval_rows = [r for i, r in enumerate(eval_rows) if r["task"] == "identity" or i % 8 == 0]
 
-    # --- 2. before ----------------------------------------------------------------------------
-    print(f"\n== 2. before SFT: {len(eval_rows)} held-out questions ==")
-    before = evaluate_tasks(model, tok, eval_rows, args.template)
-    demo_before = ask(model, tok, IDENTITY_DEMO, args.template, max_new_tokens=32)
+def ask_before(model, tok, eval_rows, template: str):
+    """The base model's answers, kept for section 4's table: (evaluation, identity demo in the chat template,
+    the same demo asked as plain text)."""
+    print(f"before SFT: {len(eval_rows)} held-out questions asked of the base model; the identity demo:")
+    before = evaluate_tasks(model, tok, eval_rows, template)
+    demo_before = ask(model, tok, IDENTITY_DEMO, template, max_new_tokens=32)
     demo_raw = [ask_raw(model, tok, q) for q in IDENTITY_DEMO]
     for q, r, raw in zip(IDENTITY_DEMO, demo_before, demo_raw):
         print(f"  {q!r:16} in the chat template -> {r!r}\n  {'':16} as plain text        -> {raw!r}")
+    return before, demo_before, demo_raw
 
-    # --- 3. train -----------------------------------------------------------------------------
-    print("\n== 3. full fine-tuning (全参数微调) ==")
+
+def full_fine_tuning(model, tok, data, eval_rows, args):
+    """Section 3: the base model's answers first (section 4 compares them), then every weight trains, with
+    LLaMA-Factory's settings by name. Returns (the training result, the answers before)."""
+    section("3. full fine-tuning (全参数微调)")
+    asked = ask_before(model, tok, eval_rows, args.template)
+    # overwrite_output_dir: a rerun of the lesson replaces its last run's log and picture (else: an error)
     cfg = TrainConfig(stage="sft", finetuning_type="full", template=args.template, cutoff_len=96, val_size=0.05,
                       learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=6 if args.fast else None,
                       per_device_train_batch_size=8, gradient_accumulation_steps=1, lr_scheduler_type="cosine",
                       warmup_ratio=0.1, weight_decay=0.0, logging_steps=2 if args.fast else 5, eval_steps=20,
                       save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16",
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, overwrite_output_dir=True)
     print("config: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "cutoff_len", "val_size", "bf16")))
@@ -123,11 +123,14 @@ def main():
     print(f"{result.global_step} steps in {result.runtime_s:.0f} s; training loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
           f"eval loss {list(result.eval_losses.values())[-1]:.3f}")
     print(f"loss picture: {result.plot_path}   log: {result.log_path}")
+    return result, asked
 
-    # --- 4. after -----------------------------------------------------------------------------
-    print("\n== 4. after SFT ==")
-    after = evaluate_tasks(model, tok, eval_rows, args.template)
-    demo_after = ask(model, tok, IDENTITY_DEMO, args.template, max_new_tokens=32)
+
+def before_and_after(model, tok, eval_rows, template: str, before, demo_before, demo_raw):
+    """Section 4: the identity demo, some held-out answers, and exact match per task, before and after."""
+    section("4. before and after SFT (微调前后对比)")
+    after = evaluate_tasks(model, tok, eval_rows, template)
+    demo_after = ask(model, tok, IDENTITY_DEMO, template, max_new_tokens=32)
     print("identity demo (自我认知):")
     for q, b, raw, a_ in zip(IDENTITY_DEMO, demo_before, demo_raw, demo_after):
         print(f"  {q}\n    before, chat template:       {b!r}\n    before, plain-text question: {raw!r}"
@@ -143,7 +146,33 @@ def main():
             print(f"{name:55} {before['n'][task]:>4} {before['accuracy'][task]:>8.0%} {after['accuracy'][task]:>8.0%}"
                   f"   {before['contains'][task]:.0%} / {after['contains'][task]:.0%}")
     print(f"{'all held-out questions':55} {len(eval_rows):>4} {before['overall']:>8.0%} {after['overall']:>8.0%}")
-    print(f"\nlesson 05 finished in {time.perf_counter() - t0:.0f} s (wall); loss picture: {result.plot_path}")
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    data_dir = Path(args.data or "weights/tiny/data")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+
+    # Full fine-tuning keeps fp32 master weights even for bf16 runs (the trainer autocasts matmuls).
+    model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
+    if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
+        torch.set_num_threads(args.threads or 1)
+    print(f"model {args.model}: {model.num_parameters():,} parameters, template {args.template!r}, "
+          f"device {args.device}" + (f" ({torch.get_num_threads()} thread)" if args.device == "cpu" else "")
+          + f", {'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}")
+
+    examples = data_formats(data_dir, args.template)
+    data = loss_mask(data_dir, tok, args.template, examples)
+    eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    if args.fast:  # a few of each task
+        eval_rows = [r for i, r in enumerate(eval_rows) if r["task"] == "identity" or i % 8 == 0]
+
+    result, asked = full_fine_tuning(model, tok, data, eval_rows, args)
+    before_and_after(model, tok, eval_rows, args.template, *asked)
+    print(f"\nloss picture: {result.plot_path}")
+    finish("05")
 
 
 if __name__ == "__main__":

@@ -5,26 +5,23 @@
 
 1. a LoRA layer: what it adds, that it starts exactly at the base model;
 2. how many parameters: the tiny model and a LLaMA-7B config, formula vs count;
-3. the baseline: full fine-tuning as in lesson 05 (measured, or kept from an earlier measurement);
-4. LoRA fine-tuning on the same data and schedule, evaluated the same way;
-5. merge / unmerge, and the adapter file in PEFT's layout, read back.
+3. lesson 05's run with LoRA, beside the baseline, full fine-tuning as in lesson 05 (measured, or kept from an
+   earlier measurement): same data and schedule, evaluated the same way;
+4. merge / unmerge, and the adapter file in PEFT's layout, read back.
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_sft as S  # noqa: E402  (lesson 05's setup, shared by lessons 06-08)
-
-from minitune.memory import count_parameters as formula_total  # noqa: E402
-from minitune.memory import lora_parameters  # noqa: E402
-from minitune.model import ModelConfig  # noqa: E402
-from minitune.peft import (apply_lora, count_parameters, load_adapter, merge_lora, print_trainable_parameters,  # noqa: E402
+from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by lessons 06-09
+from minitune.memory import count_parameters as formula_total
+from minitune.memory import lora_parameters
+from minitune.model import ModelConfig
+from minitune.peft import (apply_lora, count_parameters, load_adapter, merge_lora, print_trainable_parameters,
                            save_adapter, unmerge_lora)
-from minitune.peft.lora import lora_layers  # noqa: E402
+from minitune.peft.lora import lora_layers
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
@@ -32,12 +29,10 @@ QV, ALL = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 RANK, ALPHA = S.LORA["rank"], S.LORA["alpha"]  # with lr and epochs in tiny_sft.py: lesson 09 repeats this run
 
 
-def main():
-    args = S.parse_args("Lesson 06: LoRA", lr=S.LORA["lr"], epochs=S.LORA["epochs"])
-    model, tok = S.load_model(args)
-    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
-
+def lora_layer(args, model, tok) -> str:
+    """Section 1: wrap every linear layer; B = 0, so the logits do not move. Returns the first layer's name."""
     S.section("1. a LoRA layer (LoRA 层): h = W0 x + (alpha / r) B A x")
+    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
     with torch.no_grad():
         before = model(ids)
     apply_lora(model, RANK, ALPHA, targets="all-linear")
@@ -50,7 +45,11 @@ def main():
     print(f"  B = 0, so the wrapped model starts exactly at the base model: max |logit difference| = "
           f"{(after - before).abs().max().item():.1e}")
     print_trainable_parameters(model)
+    return name
 
+
+def how_many_parameters(args, model) -> None:
+    """Section 2: r (in + out) per adapted layer, by formula, counted on a wrapped fresh model too."""
     S.section("2. how many parameters (参数量): r (in + out) per adapted layer instead of in x out")
     tiny_cfg = model.config
     base_total = count_parameters(model)[1] - count_parameters(model)[0]
@@ -68,7 +67,12 @@ def main():
               f"{big:>20,}{100 * big / formula_total(LLAMA_7B):>10.3f}%")
     print("(the 7B column is the formula only; the tiny column is also counted on the wrapped model)")
 
-    S.section("3. the baseline: full fine-tuning (全参数微调), lesson 05's run")
+
+def lora_vs_full(args, tok) -> dict:
+    """Section 3: the base model where a reply should end, the full fine-tuning baseline (lesson 05's run),
+    then the same run with LoRA; the table side by side. Returns the LoRA run (its model is section 4's)."""
+    S.section(f"3. lesson 05's run with LoRA (LoRA 微调): r={RANK}, alpha={ALPHA}, every linear layer, lr {args.lr:g}, "
+              f"{args.epochs:g} epochs, beside full fine-tuning (全参数微调)")
     data, rows = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(rows)} held-out questions")
     fresh, _ = S.load_model(args)
@@ -79,20 +83,22 @@ def main():
               "fine-tuning trains their embedding rows, LoRA leaves them as they are)")
     full = S.full_baseline(args, data, rows, tok)
 
-    S.section(f"4. LoRA fine-tuning: r={RANK}, alpha={ALPHA}, every linear layer, lr {args.lr:g}, {args.epochs:g} epochs")
     model, _ = S.load_model(args)
     cfg = S.config(args, "lora", args.lr, str(S.ROOT / "runs" / "lesson-06"), lora_rank=RANK, lora_alpha=ALPHA,
                    lora_target="all")
-    print(f"the same run on the command line: minitune train --finetuning_type lora --lora_rank {RANK} "
+    print(f"\nthe same run on the command line: minitune train --finetuning_type lora --lora_rank {RANK} "
           f"--lora_alpha {ALPHA} --lora_target all --learning_rate {args.lr:g} --num_train_epochs {args.epochs:g} ...")
     lora = S.sft(model, tok, data, rows, cfg)
     print()
     S.print_runs({"full FT": full, f"LoRA r={RANK}": lora})
     print()
     S.verdict("LoRA", lora, full)
+    return lora
 
-    S.section("5. merge (合并), unmerge, and the adapter file (PEFT layout)")
-    model = lora["model"].eval()
+
+def merge_and_adapter_file(args, tok, model, name: str) -> None:
+    """Section 4: merging changes no logit and unmerging gives W0 back; the adapter, saved and read back."""
+    S.section("4. merge (合并), unmerge, and the adapter file (PEFT layout)")
     test = torch.tensor([tok.encode("Reverse the words: red blue green")], device=args.device)
     with torch.no_grad():
         y = model(test)
@@ -111,21 +117,30 @@ def main():
         print(f"adapter_config.json: peft_type={config['peft_type']}, r={config['r']}, lora_alpha={config['lora_alpha']}, "
               f"target_modules={config['target_modules']}")
         print(f"adapter_model.safetensors: {size / 1e3:.0f} kB (the model file: {full_size / 1e3:.0f} kB); "
-              f"a tensor name: {next(iter(_names(folder)))}")
+              f"a tensor name: {next(iter(tensor_names(folder)))}")
         fresh, _ = S.load_model(args)
         with torch.no_grad():
             y_loaded = load_adapter(fresh, folder).eval()(test)
         print(f"read back into a fresh base model: max |logit difference| {(y_loaded - y).abs().max().item():.1e}")
     print("`minitune chat --model MODEL --adapter runs/...` puts such a folder on a model; "
           "peft.PeftModel.from_pretrained reads it too")
-    S.finish()
 
 
-def _names(folder):
+def tensor_names(folder):
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
         return list(f.keys())
+
+
+def main():
+    args = S.parse_args("Lesson 06: LoRA", lr=S.LORA["lr"], epochs=S.LORA["epochs"])
+    model, tok = S.load_model(args)
+    name = lora_layer(args, model, tok)
+    how_many_parameters(args, model)
+    lora = lora_vs_full(args, tok)
+    merge_and_adapter_file(args, tok, lora["model"].eval(), name)
+    S.finish("06")
 
 
 if __name__ == "__main__":

@@ -10,21 +10,18 @@
 5. where the rank went: the final rank of every adapted layer, and the saved adapter.
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "06-lora"))
-import tiny_sft as S  # noqa: E402  (lesson 05's setup, shared by lessons 06-08)
-
-from minitune.memory import count_parameters as formula_total  # noqa: E402
-from minitune.memory import layer_linears, lora_parameters  # noqa: E402
-from minitune.model import ModelConfig  # noqa: E402
-from minitune.peft import AdaLoRAConfig, AdaLoRAController, apply_adalora, count_parameters, save_adapter  # noqa: E402
-from minitune.peft.adalora import load_adapter, ranks, svd_layers  # noqa: E402
-from minitune.train.trainer import planned_steps  # noqa: E402
+from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by lessons 06-09
+from minitune.memory import count_parameters as formula_total
+from minitune.memory import layer_linears, lora_parameters
+from minitune.model import ModelConfig
+from minitune.peft import AdaLoRAConfig, AdaLoRAController, apply_adalora, count_parameters, save_adapter
+from minitune.peft.adalora import load_adapter, ranks, svd_layers
+from minitune.train.trainer import planned_steps
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
@@ -37,12 +34,10 @@ def adalora_parameters(cfg, r: int, targets=MODULES) -> int:
     return lora_parameters(cfg, r, targets) + r * cfg.num_hidden_layers * len(targets)
 
 
-def main():
-    args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2, epochs=S.PEFT_EPOCHS)
-    model, tok = S.load_model(args)
-    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
-
+def svd_form(args, model, tok) -> None:
+    """Section 1: every linear layer wrapped in the SVD form; Λ = 0, so the logits do not move."""
     S.section("1. the SVD form (奇异值分解形式): h = W0 x + (alpha / r) P diag(Λ) Q x")
+    ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
     with torch.no_grad():
         before = model(ids)
     # alpha = 2 * init_r, as the training run in section 4 gets it (LLaMA-Factory's default alpha = 2r)
@@ -57,6 +52,9 @@ def main():
     print(f"  Λ = 0, so training starts at the base model: max |logit difference| = {(after - before).abs().max().item():.1e}")
     print(f"  pruning triplet i = setting Λ_i to 0: rank r_l of layer l = number of non-zero Λ_i")
 
+
+def how_many_parameters(model) -> None:
+    """Section 2: AdaLoRA at init_r, what pruning to target_r keeps, and LoRA r=16, tiny and 7B."""
     S.section("2. how many parameters (参数量)")
     tiny_cfg = model.config
     counted = count_parameters(model)[0]
@@ -73,6 +71,10 @@ def main():
     print("(AdaLoRA trains init_r ranks all along: pruning masks Λ, it does not shrink the tensors; the saved "
           "adapter keeps only the surviving triplets, so its size depends on where the rank went)")
 
+
+def budget_schedule(args, model, tok):
+    """Section 3: this run's budget b(t), planned before training from the number of steps the trainer will
+    take. Returns (data, held-out rows, the plan, tinit, tfinal, the steps to print)."""
     S.section("3. the budget schedule, planned before training")
     data, rows = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(rows)} held-out questions")
@@ -90,7 +92,12 @@ def main():
     for t in marks:
         b = plan.budget_schedule(t)[0]
         print(f"  step {t:>4}: budget {b:>4}  {'#' * round(40 * b / plan.init_bgt)}")
+    return data, rows, plan, tinit, tfinal, marks
 
+
+def adalora_vs_full(args, tok, data, rows, plan, tinit: int, tfinal: int, marks) -> dict:
+    """Section 4: lesson 05's run with AdaLoRA, the budget as the allocator kept it at every step, and the
+    table beside full fine-tuning. Returns the AdaLoRA run (its model is section 5's)."""
     S.section("4. AdaLoRA fine-tuning vs full fine-tuning (lesson 05's run)")
     full = S.full_baseline(args, data, rows, tok)
     model, _ = S.load_model(args)
@@ -119,9 +126,12 @@ def main():
     S.print_runs({"full FT": full, f"AdaLoRA {INIT_R}->{TARGET_R}": ada})
     print()
     S.verdict("AdaLoRA", ada, full)
+    return ada
 
+
+def where_the_rank_went(args, tok, model) -> None:
+    """Section 5: the final rank of every adapted layer, and the adapter saved in PEFT's layout, read back."""
     S.section("5. where the rank went: final rank of every adapted layer (秩分配)")
-    model = ada["model"]
     final = ranks(model.adalora_config.rank_pattern)
     print(f"{'layer':8}" + "".join(f"{m:>11}" for m in MODULES) + f"{'sum':>7}")
     for i in range(model.config.num_hidden_layers):
@@ -143,7 +153,17 @@ def main():
             diff = (load_adapter(fresh, folder).eval()(test) - model.eval()(test)).abs().max().item()
     print(f"saved in PEFT's AdaLoRA layout: peft_type={config['peft_type']}, rank_pattern for {len(config['rank_pattern'])} "
           f"layers, {kept_params:,} numbers kept ({size / 1e3:.0f} kB); read back: max |logit difference| {diff:.1e}")
-    S.finish()
+
+
+def main():
+    args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2, epochs=S.PEFT_EPOCHS)
+    model, tok = S.load_model(args)
+    svd_form(args, model, tok)
+    how_many_parameters(model)
+    data, rows, plan, tinit, tfinal, marks = budget_schedule(args, model, tok)
+    ada = adalora_vs_full(args, tok, data, rows, plan, tinit, tfinal, marks)
+    where_the_rank_went(args, tok, ada["model"])
+    S.finish("07")
 
 
 if __name__ == "__main__":

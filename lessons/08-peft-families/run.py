@@ -13,21 +13,17 @@
 4. the same questions answered by each.
 """
 import shlex
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "06-lora"))
-import tiny_sft as S  # noqa: E402  (lesson 05's setup, shared by lessons 06-08)
-
-from minitune.memory import count_parameters as formula_total  # noqa: E402
-from minitune.memory import lora_parameters  # noqa: E402
-from minitune.model import ModelConfig  # noqa: E402
-from minitune.peft import (PrefixTuningModel, PromptTuningModel, PTuningModel, adapter_num_params,  # noqa: E402
+from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by lessons 06-09
+from minitune.memory import count_parameters as formula_total
+from minitune.memory import lora_parameters
+from minitune.model import ModelConfig
+from minitune.peft import (PrefixTuningModel, PromptTuningModel, PTuningModel, adapter_num_params,
                            apply_adapters, apply_lora, apply_trainable_tokens, count_parameters, p_tuning_num_params,
                            prefix_tuning_num_params, prompt_tuning_num_params, token_ids, trainable_tokens_num_params)
-from minitune.tiny.evaluate import ask  # noqa: E402
+from minitune.tiny.evaluate import ask
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, model_type="llama")
@@ -82,13 +78,9 @@ def at_init(diff: float) -> str:
     return f"move by {diff:.2f} (the virtual tokens are random)"
 
 
-def main():
-    # five runs (ten with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
-    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning, and LoRA, side by side", lr=None, extra=extra_flags,
-                        epochs=EPOCHS_08)
-    model, tok = S.load_model(args)
-    cfg = model.config
-
+def where_the_parameters_go(args, model, tok) -> dict:
+    """Section 1: each method on a fresh copy of the model: which tensors train, and the logits at init.
+    Returns the trainable parameters counted on each wrapped model, for section 2's table."""
     S.section("1. where the parameters go (three families, 三类方法)")
     ids = torch.tensor([tok.encode("The capital of Norway is")], device=args.device)
     with torch.no_grad():
@@ -125,7 +117,11 @@ def main():
           f"({type(m.lm_head).__name__} scores with the same rows)\n          trains model.embed_tokens.delta "
           f"{list(rows.delta.shape)} beside the method; at init the logits "
           f"{'equal the base model (delta starts at zero)' if diff == 0 else f'move by {diff:.2f}'}")
+    return counted
 
+
+def how_many_parameters(cfg, counted: dict) -> None:
+    """Section 2: each method's formula, checked against the count of section 1, and for LLaMA-7B."""
     S.section("2. how many parameters (参数量): tiny model (formula = count) and LLaMA-7B (formula)")
     rows = [("adapter, b=16, attn+mlp", adapter_num_params(cfg, BOTTLENECK), counted["adapter"],
              adapter_num_params(LLAMA_7B, BOTTLENECK)),
@@ -149,6 +145,11 @@ def main():
         print(f"{label:30}{tiny:>14,}{'' if cnt is None else format(cnt, ','):>10}{100 * tiny / total:>10.2f}%"
               f"{big:>16,}{100 * big / total_7b:>10.4f}%")
 
+
+
+def train_side_by_side(args, tok) -> dict:
+    """Section 3: every run --methods and --rows ask for, on lesson 05's data and schedule, then the table
+    beside full fine-tuning. Returns the runs (their models answer in section 4)."""
     S.section("3. each method on lesson 05's SFT run, beside full fine-tuning")
     data, questions = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(questions)} held-out questions")
@@ -169,7 +170,11 @@ def main():
     print()
     for name, run in runs.items():
         S.verdict(name, run, full)
+    return runs
 
+
+def same_questions(args, tok, runs: dict) -> None:
+    """Section 4: the same questions to every trained model; the last is a training example word for word."""
     S.section("4. the same questions, answered by each")
     # the last one is a training example word for word (its answer: green dog cake)
     demo = ["Who are you?", "What is the capital of Norway?", "How much is 3 plus 4?",
@@ -179,7 +184,18 @@ def main():
         print(f"{q!r}")
         for name in runs:
             print(f"  {name:13} -> {answers[name][i]!r}")
-    S.finish()
+
+
+def main():
+    # five runs (ten with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
+    args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning, and LoRA, side by side", lr=None,
+                        extra=extra_flags, epochs=EPOCHS_08)
+    model, tok = S.load_model(args)
+    counted = where_the_parameters_go(args, model, tok)
+    how_many_parameters(model.config, counted)
+    runs = train_side_by_side(args, tok)
+    same_questions(args, tok, runs)
+    S.finish("08")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 import minitune
+from minitune.classroom.lesson import finish, section
+from minitune.classroom.tiny_sft import LESSON_05, LORA  # lesson 05's SFT settings, lesson 06's LoRA: the run repeated here
 from minitune.data import PaddingCollator, prepare_sft
 from minitune.memory import estimate_memory, human_bytes, layer_linears, parameter_counts
 from minitune.model import ModelConfig
@@ -38,8 +40,6 @@ from minitune.quant.nf4 import SUPPORTED_BLOCKSIZES
 from minitune.tiny.evaluate import evaluate_tasks
 from minitune.train import TrainConfig, causal_lm_loss, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "06-lora"))
-from tiny_sft import LESSON_05, LORA  # noqa: E402  (lesson 05's SFT settings, lesson 06's LoRA: the run repeated here)
 
 # Model shapes for the memory table (from their config.json files; LLaMA-1 for 7B / 65B, as in the QLoRA paper).
 MODELS = {
@@ -76,17 +76,6 @@ def parse_args():
     return p.parse_args()
 
 
-_t = [time.perf_counter()]
-
-
-def section(title: str):
-    now = time.perf_counter()
-    if len(_t) > 1:
-        print(f"[section took {now - _t[-1]:.1f} s]")
-    _t.append(now)
-    print(f"\n== {title} ==")
-
-
 def rel_rmse(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """||w - w_hat|| / ||w||: the relative error of a whole tensor."""
     return ((w.float() - w_hat.float()).norm() / w.float().norm()).item()
@@ -121,7 +110,8 @@ def code_usage_entropy(idx: torch.Tensor, n_levels: int) -> float:
     return float(-(p * p.log2()).sum())
 
 
-def lesson_code_book(fast: bool):
+def why_nf4(fast: bool):
+    """Section 1: the code book rebuilt from normal quantiles, and NF4 against uniform int4 on normal weights."""
     section("1. why NF4: 16 levels at quantiles of a normal distribution (4 位正态浮点, NormalFloat)")
     mine, offset = nf4_from_quantiles()
     diff = (mine - NF4_CODE).abs().max().item()
@@ -146,7 +136,8 @@ def lesson_code_book(fast: bool):
 
 
 # --- 2. block size -------------------------------------------------------------------------------
-def lesson_block_size(model_path: Path, fast: bool):
+def block_size_vs_error(model_path: Path, fast: bool):
+    """Section 2: the error of each block size on normal, heavy-tailed and (if there) the tiny model's weights."""
     section("2. block size vs error: one absmax scale per block of B weights (分块量化)")
     g = torch.Generator().manual_seed(1)
     gauss = torch.randn(512 if fast else 2048, 1024, generator=g)
@@ -171,7 +162,8 @@ def lesson_block_size(model_path: Path, fast: bool):
 
 
 # --- 3. double quantization ------------------------------------------------------------------------
-def lesson_double_quant(fast: bool):
+def double_quantization(fast: bool):
+    """Section 3: bits per parameter from nbytes, with float32 scales and with 8-bit ones, part by part."""
     section("3. double quantization (双重量化): quantize the scales too")
     rows = 1024 if fast else 4096  # --fast: a quarter of the layer (same bits per parameter to 4 digits)
     w = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(2)) * 0.02
@@ -213,7 +205,8 @@ def linear_bytes(cfg: ModelConfig, fmt: str) -> float:
     return total * cfg.num_hidden_layers
 
 
-def lesson_memory():
+def memory():
+    """Section 4: weight bytes per format for three model sizes, and the training totals of full, LoRA, QLoRA."""
     section("4. memory: weights of 0.5B / 7B / 65B models, and what QLoRA training needs")
     # the per-layer formula against nbytes() of a real quantized tensor
     small = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -261,7 +254,8 @@ for dq in (False, True):
 """
 
 
-def lesson_triton():
+def triton_kernel():
+    """Section 5: the Triton kernel, interpreted on CPU, bit for bit against the PyTorch reference."""
     section("5. the Triton kernel (minitune/quant/nf4_triton.py), run by Triton's interpreter on CPU")
     try:
         import importlib.util
@@ -295,6 +289,7 @@ def finetune(model, tok, data, args, label: str):
                       finetuning_type="qlora" if quantized else "lora",
                       learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=3 if args.fast else None,
                       logging_steps=2 if args.fast else 10, save_steps=0, output_dir=f"{args.out}/{label}",
+                      overwrite_output_dir=True,  # a rerun of the lesson replaces its last run
                       bf16=args.dtype == "bfloat16", device=args.device)
     torch.manual_seed(cfg.seed)  # as tiny_sft.sft: the same A for LoRA and QLoRA, and lesson 06's
     apply_lora(model, r=args.rank, alpha=2 * args.rank, targets="all-linear")
@@ -320,7 +315,9 @@ def weight_bytes(model) -> int:
     return total
 
 
-def lesson_qlora(args):
+def qlora_vs_lora(args):
+    """Section 6: lesson 06's LoRA run on the fp32 tiny model and on its NF4 copy, same settings and seed.
+    Returns (QLoRA model, tokenizer, held-out rows, its evaluation) for section 7, or None without the model."""
     section("6. QLoRA on the tiny world: LoRA on a 16-bit base vs LoRA on its 4-bit NF4 copy")
     path = Path(args.model)
     data_dir = Path(args.data) if args.data else path / "data"
@@ -363,7 +360,8 @@ def lesson_qlora(args):
     return qlora_model, tok, rows, after["QLoRA (NF4 base)"]
 
 
-def lesson_merge(qlora_model, tok, rows, acc, args):
+def merge_back_to_16_bits(qlora_model, tok, rows, acc, args):
+    """Section 7: merge the adapter into dequantized weights; the bf16 checkpoint reloads with the same logits."""
     section("7. merge and dequantize: W = dequant(W_nf4) + (alpha/r) B A, saved as a plain bf16 checkpoint")
     ids = torch.tensor([tok.encode("Who are you?")], device=args.device)
     with torch.no_grad():
@@ -385,20 +383,18 @@ def lesson_merge(qlora_model, tok, rows, acc, args):
 
 def main():
     args = parse_args()
-    t0 = time.perf_counter()
     torch.manual_seed(0)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    lesson_code_book(args.fast)
-    lesson_block_size(Path(args.model), args.fast)
-    lesson_double_quant(args.fast)
-    lesson_memory()
-    lesson_triton()
-    out = lesson_qlora(args)
+    why_nf4(args.fast)
+    block_size_vs_error(Path(args.model), args.fast)
+    double_quantization(args.fast)
+    memory()
+    triton_kernel()
+    out = qlora_vs_lora(args)
     if out is not None:
-        lesson_merge(*out, args)
-    print(f"[section took {time.perf_counter() - _t[-1]:.1f} s]")
-    print(f"\nlesson 09 finished in {time.perf_counter() - t0:.0f} s (wall)")
+        merge_back_to_16_bits(*out, args)
+    finish("09")
 
 
 if __name__ == "__main__":

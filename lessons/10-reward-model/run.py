@@ -14,20 +14,17 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import minitune
+from minitune.classroom.lesson import finish, section
 from minitune.rlhf import (PairCollator, RewardModel, load_reward_model, pairwise_loss, prepare_pairs,
                            save_reward_model, score_pairs, stack_pairs, train_reward_model)
 from minitune.rlhf.reward import last_token_index
 from minitune.tiny.tasks import preference_score, reference_answer
 from minitune.train import TrainConfig
-
-T0 = time.perf_counter()
-
 
 def parse_args():
     p = argparse.ArgumentParser(description="Lesson 10: the reward model, before and after training")
@@ -46,10 +43,6 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for models under 50M "
                    "parameters, whose small matrices gain nothing from a second thread; else torch's default)")
     return p.parse_args()
-
-
-def section(title: str):
-    print(f"\n== {title} ==  [{time.perf_counter() - T0:.0f} s]")
 
 
 def candidates(rows: list[dict]) -> list[tuple[str, list[str]]]:
@@ -81,14 +74,8 @@ def agreement(rm, tok, template: str, cands) -> float:
     return agree / max(total, 1)
 
 
-def main():
-    args = parse_args()
-    torch.manual_seed(0)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible")
-    data_dir = Path(args.data or Path(args.model) / "data")
-
-    # --- 1. Bradley-Terry ------------------------------------------------------------------------
+def bradley_terry() -> None:
+    """Section 1: P(chosen preferred) and the pairwise loss for a few score gaps, by hand and by pairwise_loss."""
     section("1. the Bradley-Terry model: P(chosen > rejected) = sigmoid(r_c - r_r)")
     print(f"{'r_c - r_r':>10} {'P(chosen preferred)':>20} {'loss -log P':>12} {'loss, margin 1':>15}")
     for d in (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0):
@@ -100,7 +87,10 @@ def main():
     print("pairwise_loss equals -log sigmoid(r_c - r_r) computed by hand on every row; a margin of 1 "
           "asks for a gap 1 larger before the loss fades")
 
-    # --- 2. data ---------------------------------------------------------------------------------
+
+def preference_pairs(args, data_dir: Path):
+    """Section 2: a record, and the pairs prepare_pairs keeps; three bad records show what it drops and why.
+    Returns (backbone model, tokenizer, pairs)."""
     section("2. preference pairs (偏好对), and bad records counted")
     model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
     if args.device == "cpu" and (args.threads or model.num_parameters() < 50e6):
@@ -114,8 +104,12 @@ def main():
     print(pairs.report.summary())
     for note in pairs.report.notes:
         print(f"  dropped {note}")
+    return model, tok, pairs
 
-    # --- 3. the value head at EOS -----------------------------------------------------------------
+
+def value_head_at_the_end(args, model, tok, pairs):
+    """Section 3: the reward model's score is its value at the last real token, not at the padding.
+    Returns the reward model (backbone + a freshly drawn value head)."""
     section("3. the value head (价值头) read at the last real token")
     torch.manual_seed(args.seed)  # the value head is drawn here
     rm = RewardModel(model).to(args.device)
@@ -130,8 +124,12 @@ def main():
         print(f"  {side} row {row}: {n} real tokens of {ids.shape[1]}; last real token {tok.decode([int(ids[row, last[row]])])!r} "
               f"at {int(last[row])}; score = value there = {float(values[row, last[row]]):+.4f} "
               f"(the value at the final pad position would be {float(values[row, -1]):+.4f})")
+    return rm
 
-    # --- 4. train --------------------------------------------------------------------------------
+
+def train_and_measure(args, rm, tok, pairs, data_dir: Path):
+    """Section 4: held-out reward accuracy and agreement with the labelling rule, before and after training.
+    Returns the fresh candidate replies section 5 scores."""
     section(f"4. training the reward model on {len(pairs.train)} pairs; accuracy on {len(pairs.val)} held-out pairs")
     before = score_pairs(rm, pairs.val, tok)
     eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -141,7 +139,7 @@ def main():
     cfg = TrainConfig(stage="rm", learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=6 if args.fast else None,
                       per_device_train_batch_size=16, warmup_ratio=0.1, logging_steps=2 if args.fast else 5,
                       save_steps=0, plot_loss=True, output_dir=args.out, bf16=args.dtype == "bfloat16", seed=args.seed,
-                      device=args.device)
+                      device=args.device, overwrite_output_dir=True)  # a rerun replaces the last run's log
     result = train_reward_model(rm, pairs, cfg, tok)
     after = score_pairs(rm, pairs.val, tok)
     steps = sorted(result.metrics)
@@ -154,8 +152,11 @@ def main():
     print(f"{'held-out reward accuracy (' + str(len(pairs.val)) + ' pairs)':52} {before['accuracy']:>8.0%} {after['accuracy']:>8.0%}")
     print(f"{'mean score gap r_c - r_r on them':52} {before['margin']:>+8.3f} {after['margin']:>+8.3f}")
     print(f"{'agreement with the rule, held-out prompts (' + str(len(cands)) + ')':52} {agree_before:>8.0%} {agree_after:>8.0%}")
+    return cands
 
-    # --- 5. scores and saving --------------------------------------------------------------------
+
+def scores_and_saving(args, rm, tok, cands) -> None:
+    """Section 5: the trained RM ranks fresh replies to one held-out prompt; saved and reloaded, it scores alike."""
     section("5. scores of fresh replies to a held-out prompt, and the saved reward model")
     prompt, replies = cands[0]
     rows = [{"prompt": prompt, "chosen": rep, "rejected": "-"} for rep in replies]
@@ -168,7 +169,20 @@ def main():
     rm2, _ = load_reward_model(saved, device=args.device)
     same = torch.allclose(score_pairs(rm2, feats, tok)["chosen"], torch.tensor(scores), atol=1e-4)
     print(f"saved to {saved} (model files + value_head.safetensors); reloaded scores equal: {same}")
-    print(f"\nlesson 10 finished in {time.perf_counter() - T0:.0f} s (wall; torch has {torch.get_num_threads()} threads)")
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    data_dir = Path(args.data or Path(args.model) / "data")
+    bradley_terry()
+    model, tok, pairs = preference_pairs(args, data_dir)
+    rm = value_head_at_the_end(args, model, tok, pairs)
+    cands = train_and_measure(args, rm, tok, pairs, data_dir)
+    scores_and_saving(args, rm, tok, cands)
+    finish("10")
 
 
 if __name__ == "__main__":

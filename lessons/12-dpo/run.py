@@ -8,30 +8,28 @@
     python lessons/12-dpo/run.py --sft PATH      # start from your own SFT checkpoint
 
 1. the losses: sigmoid, label-smoothed, IPO and hinge on the same margins, computed by dpo_loss;
-2. the SFT model (lesson 05's recipe, shared with lessons 11 and 13 through runs/rlhf-sft-<steps>/);
-3. before: the preferred behaviour on held-out prompts (correct, ends with a full stop, not rude);
+2. the SFT model (lesson 05's recipe, shared with lessons 11 and 13 through runs/rlhf-sft-<steps>/), and the
+   preference pairs whose replies DPO scores;
+3. the reference: a frozen copy of the SFT model, or (--lora) the same model with the adapter off;
 4. DPO with minitune.train (reference log-probs computed once; rewards, accuracy, margin logged);
-5. after: the same measures, the KL to the reference on the policy's own samples, and where it comes from.
+5. what changed: the preferred behaviour on held-out prompts (correct, ends with a full stop, not rude) before
+   and after, the KL to the reference on the policy's own samples, and where it comes from.
 """
 import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from minitune.classroom.lesson import sft_start, small_model_threads
+from minitune.classroom.lesson import finish, section, sft_start, small_model_threads
 from minitune.peft import apply_lora, count_parameters
 from minitune.rlhf import (Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs,
                            train_dpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
 from minitune.train import TrainConfig
-
-T0 = time.perf_counter()
-
 
 def parse_args():
     p = argparse.ArgumentParser(description="Lesson 12: DPO on the tiny model, before and after")
@@ -60,10 +58,6 @@ def parse_args():
     return p.parse_args()
 
 
-def section(title: str):
-    print(f"\n== {title} ==  [{time.perf_counter() - T0:.0f} s]")
-
-
 def behaviour(rows: list[dict], replies: list[str]) -> dict:
     """The preference rule's parts, as rates over held-out prompts; 'preferred' = all three at once."""
     n = len(rows)
@@ -75,15 +69,8 @@ def behaviour(rows: list[dict], replies: list[str]) -> dict:
             "mean preference_score": sum(preference_score(x["prompt"], r) for x, r in zip(rows, replies)) / n}
 
 
-def main():
-    args = parse_args()
-    torch.manual_seed(0)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible")
-    data_dir = Path(args.data or Path(args.model) / "data")
-    small_model_threads(args)
-
-    # --- 1. the losses --------------------------------------------------------------------------
+def dpo_losses() -> None:
+    """Section 1: each loss variant on a row of margins: where it is smallest, where its gradient fades."""
     section("1. from Bradley-Terry to the DPO loss (beta = 0.1): loss per pair against the log-ratio margin m")
     m = torch.tensor([-10.0, -5.0, 0.0, 5.0, 10.0, 20.0, 40.0])
     zeros = torch.zeros_like(m)
@@ -99,9 +86,25 @@ def main():
     print(f"smallest loss on this row of m: {best}; IPO's target is 1/(2 beta) = {1 / (2 * 0.1):g}, "
           f"hinge is 0 from 1/beta = {1 / 0.1:g} on")
 
-    # --- 2. the SFT model -----------------------------------------------------------------------
-    section("2. the SFT model (监督微调, lesson 05's recipe: batch 8, learning rate 1e-3, 450 steps)")
+
+def sft_model_and_pairs(args, data_dir: Path):
+    """Section 2: the SFT model DPO starts from, and the preference pairs: prompt + chosen and prompt +
+    rejected, whose replies (not prompts) the log-probabilities sum over. Returns (model, tokenizer, pairs)."""
+    section("2. the SFT model (监督微调, lesson 05's recipe: batch 8, learning rate 1e-3, 450 steps) and the "
+            "preference pairs (偏好对)")
     model, tok = sft_start(args, 10 if args.fast else 450)
+    pairs = prepare_pairs(data_dir / "preference.jsonl", tok, args.template, cutoff_len=96, val_size=0.1, seed=0)
+    print(f"preference pairs (偏好对): {pairs.report.summary()}")
+    first = pairs.train[0]
+    print(f"one pair: prompt+chosen {tok.decode(first['chosen_input_ids'])!r}\n"
+          f"          rejected     {tok.decode(first['rejected_input_ids'][-12:])!r} (last tokens)")
+    return model, tok, pairs
+
+
+def the_reference(args, model):
+    """Section 3: pi_ref, the SFT model frozen; with --lora, no copy: the same model with the adapter off.
+    Returns the reference model (None with --lora)."""
+    section("3. the reference (参考模型), computed once: a frozen copy, or the LoRA adapter switched off")
     reference = copy.deepcopy(model).eval()  # pi_ref: the SFT model, frozen (LoRA: not needed, adapter off)
     if args.lora:
         # seeded here: after a cached SFT start the RNG is elsewhere than after a fresh one
@@ -111,30 +114,20 @@ def main():
     trainable, total = count_parameters(model)
     print(f"actor: {'LoRA r=8 on every linear layer' if args.lora else 'full'}; {trainable:,} of {total:,} "
           f"parameters train; reference: {'the same model, adapter off' if args.lora else 'a frozen copy'}")
+    return reference
 
-    # --- 3. before ------------------------------------------------------------------------------
-    eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    eval_rows = [r for r in eval_rows if reference_answer(r["prompt"]) is not None]  # the rule can judge these
-    if args.fast:
-        eval_rows = eval_rows[::6]
-    section(f"3. before DPO: greedy replies to {len(eval_rows)} held-out prompts")
-    before_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)
-    before = behaviour(eval_rows, before_replies)
 
-    # --- 4. DPO ---------------------------------------------------------------------------------
-    section(f"4. DPO ({args.loss_type}, beta {args.beta}, label_smoothing {args.label_smoothing})")
-    pairs = prepare_pairs(data_dir / "preference.jsonl", tok, args.template, cutoff_len=96, val_size=0.1, seed=0)
-    print(f"preference pairs (偏好对): {pairs.report.summary()}")
-    first = pairs.train[0]
-    print(f"one pair: prompt+chosen {tok.decode(first['chosen_input_ids'])!r}\n"
-          f"          rejected     {tok.decode(first['rejected_input_ids'][-12:])!r} (last tokens)")
+def train_with_the_sft_loop(args, model, tok, pairs):
+    """Section 4: DPO as a loss_fn of the SFT trainer; the logged implicit rewards, accuracy and margin."""
+    section(f"4. DPO ({args.loss_type}, beta {args.beta}, label_smoothing {args.label_smoothing}) with the SFT "
+            f"training loop")
     lr = args.lr or (2e-3 if args.lora else 2e-4)
     cfg = TrainConfig(stage="dpo", finetuning_type="lora" if args.lora else "full", learning_rate=lr,
                       num_train_epochs=args.epochs, max_steps=4 if args.fast else None, per_device_train_batch_size=16,
                       warmup_ratio=0.1, logging_steps=2 if args.fast else 5, save_steps=0, plot_loss=True,
-                      output_dir=str(Path(args.out) / "dpo"), bf16=args.dtype == "bfloat16", seed=args.seed,
-                      device=args.device, pref_beta=args.beta, pref_loss=args.loss_type,
-                      dpo_label_smoothing=args.label_smoothing)
+                      output_dir=str(Path(args.out) / "dpo"), overwrite_output_dir=True,  # a rerun replaces the last
+                      bf16=args.dtype == "bfloat16", seed=args.seed, device=args.device, pref_beta=args.beta,
+                      pref_loss=args.loss_type, dpo_label_smoothing=args.label_smoothing)
     result = train_dpo(model, pairs, cfg, tok)
     steps = sorted(result.metrics)
     print(f"{'step':>5} {'loss':>8} {'rewards/chosen':>15} {'rewards/rejected':>17} {'accuracy':>9} {'margin':>8}")
@@ -147,8 +140,13 @@ def main():
     print(f"held-out pairs ({len(pairs.val)}): reward accuracy {ev['rewards/accuracies']:.2f}, margin "
           f"{ev['rewards/margins']:.3f}; {result.global_step} steps in {result.runtime_s:.0f} s; log {result.log_path}")
 
-    # --- 5. after -------------------------------------------------------------------------------
-    section("5. after DPO: the same prompts, and the KL to the reference")
+
+def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None:
+    """Section 5: the preferred behaviour before and after, the KL to the reference on the policy's own
+    samples, and one reply token by token: where that KL comes from."""
+    section(f"5. what changed, and what it cost: {len(eval_rows)} held-out prompts before and after DPO, "
+            f"and the KL to the reference")
+    before = behaviour(eval_rows, before_replies)
     after_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)
     after = behaviour(eval_rows, after_replies)
     print("examples (prompt -> before | after):")
@@ -180,7 +178,26 @@ def main():
     for t, tok_id in list(enumerate(reply))[first:]:
         print(f"  {tok.decode([tok_id])!r:>14}  log pi {lp[t]:7.2f}  log pi_ref {rp[t]:7.2f}  "
               f"log pi - log pi_ref {lp[t] - rp[t]:+7.2f}")
-    print(f"\nlesson 12 finished in {time.perf_counter() - T0:.0f} s (wall; torch has {torch.get_num_threads()} threads)")
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    data_dir = Path(args.data or Path(args.model) / "data")
+    small_model_threads(args)
+    dpo_losses()
+    model, tok, pairs = sft_model_and_pairs(args, data_dir)
+    reference = the_reference(args, model)
+    eval_rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    eval_rows = [r for r in eval_rows if reference_answer(r["prompt"]) is not None]  # the rule can judge these
+    if args.fast:
+        eval_rows = eval_rows[::6]
+    before_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)  # asked before DPO: section 5
+    train_with_the_sft_loop(args, model, tok, pairs)
+    what_changed(args, model, reference, tok, eval_rows, before_replies)
+    finish("12")
 
 
 if __name__ == "__main__":

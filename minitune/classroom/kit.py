@@ -30,6 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 EXERCISES_FILE = "lessons/exercises.json"
 KIT_NAME = "minitune-student"
 BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)# BEGIN EXERCISE (?P<id>\d\d\.\d+)(?::[ \t]*(?P<title>.*?))?[ \t]*$")
@@ -43,7 +45,7 @@ SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info", ".zip")
 KEEP_WEIGHTS = {"tiny", "README.md", "download.py"}  # weights/* other than these are large checkpoints
 
 
-class KitError(ValueError):
+class KitError(UserError):
     """A marker or selection problem; the message names the file, line or id."""
 
 

@@ -40,7 +40,11 @@ _marks = [_START]
 
 
 def section(title: str) -> None:
-    """A numbered section header; also says how long the previous section took."""
+    """A numbered section header; also says how long the previous section took.
+
+    ``title`` starts with the number of the README's heading it belongs to ("3. ..."): the README
+    is the textbook and run.py its measurements, so the two number their parts alike
+    (tests/test_lesson_sections.py checks it)."""
     now = time.perf_counter()
     if len(_marks) > 1:
         print(f"[section took {now - _marks[-1]:.1f} s]")
@@ -48,10 +52,11 @@ def section(title: str) -> None:
     print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
 
 
-def finish() -> None:
-    now = time.perf_counter()
-    print(f"[section took {now - _marks[-1]:.1f} s]\n\nlesson done in {now - _START:.1f} s "
-          f"(after imports; torch has {torch.get_num_threads()} threads)")
+def finish(lesson: str) -> None:
+    """The last section's time and the lesson's, after imports (``lesson``: its number, "01".."13")."""
+    now, threads = time.perf_counter(), torch.get_num_threads()
+    print(f"[section took {now - _marks[-1]:.1f} s]\n\nlesson {lesson} finished in {now - _START:.1f} s "
+          f"(after imports; torch has {threads} thread{'s' if threads != 1 else ''})")
 
 
 def train_small_bpe(n_chars: int, vocab_size: int):

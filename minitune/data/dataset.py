@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .formats import load_examples
 from .preference import PreferenceExample
 from .templates import BOS, EOS, Template, get_template
@@ -161,6 +162,21 @@ class PaddingCollator:
         if all("labels" in f for f in batch):
             out["labels"] = [self._pad(f["labels"], n, IGNORE_INDEX) for f in batch]
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def check_cutoff_len(cutoff_len: int | None, model, model_dir) -> None:
+    """``cutoff_len`` must fit the model's context (``max_position_embeddings`` in its config.json).
+
+    Longer examples would train positions the model never learnt, silently: RoPE computes angles
+    for any position. Prompt and prefix tuning's virtual tokens take positions before the real ones.
+    """
+    context = model.config.max_position_embeddings
+    virtual = getattr(model, "num_virtual_tokens", 0)
+    if cutoff_len and cutoff_len + virtual > context:
+        with_virtual = f", less the adapter's {virtual} virtual tokens" if virtual else ""
+        raise UserError(f"cutoff_len: {cutoff_len} is longer than the model's context: "
+                        f"{Path(model_dir) / 'config.json'} has max_position_embeddings {context} "
+                        f"(expected cutoff_len <= {context - virtual}{with_virtual})")
 
 
 @dataclass

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import UserError
 from .templates import check_roles
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A record that cannot be turned into a training example; the message says where."""
 
 
@@ -64,9 +65,23 @@ class Loaded:
 # ----------------------------------------------------------------------------- records
 
 
+def read_utf8(path: str | Path) -> str:
+    """The file's text. Not UTF-8 is a ``DataError`` naming the line and column of the first bad byte:
+    Python's own error gives only a byte offset into a file of thousands of lines, and no file name.
+    A leading byte order mark (Windows editors write one) is dropped; JSON may not start with it."""
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1  # in bytes, 1-based
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}; "
+                        "data files must be UTF-8 encoded)") from None
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """Yield ``(line_number, record)``; a record that is not JSON is yielded as a ``RecordError``."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text)
         return
@@ -78,7 +93,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
             return
         except json.JSONDecodeError:
             pass  # several objects: JSONL
-    for n, line in enumerate(text.splitlines(), 1):
+    # split at "\n" only: str.splitlines() also breaks at U+2028, U+0085, ... which JSON strings may hold raw
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue  # blank lines hold no record
         try:

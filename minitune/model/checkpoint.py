@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
+from ..errors import UserError
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -27,7 +28,7 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded; the message names the file and the tensor."""
 
 
@@ -61,6 +62,29 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_header_entry(path: Path, name: str, info) -> None:
+    """One header entry must be {"dtype": str, "shape": [ints], "data_offsets": [begin, end]}; a
+    damaged file would otherwise fail inside arithmetic on its values, naming neither file nor tensor."""
+    if not isinstance(info, dict):
+        problem, expected = f"is {json.dumps(info)}", 'an object {"dtype", "shape", "data_offsets"}'
+    elif not isinstance(info.get("dtype"), str):
+        problem, expected = f"has dtype {json.dumps(info.get('dtype'))}", 'a dtype name such as "BF16"'
+    elif not (isinstance(info.get("shape"), list) and all(_is_count(d) for d in info["shape"])):
+        problem, expected = f"has shape {json.dumps(info.get('shape'))}", "a list of sizes, integers >= 0"
+    elif not (isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(_is_count(o) for o in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1]):
+        problem, expected = (f"has data_offsets {json.dumps(info.get('data_offsets'))}",
+                             "two integers [begin, end], 0 <= begin <= end")
+    else:
+        return
+    raise CheckpointError(f"{path}: damaged or not a safetensors file: tensor {name!r} {problem} (expected {expected})")
+
+
 def read_header(f, path: Path) -> tuple[dict, int]:
     """A safetensors file is: 8 bytes (little-endian u64) header length N, N bytes of JSON
     {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw tensor bytes.
@@ -69,13 +93,18 @@ def read_header(f, path: Path) -> tuple[dict, int]:
     raw = f.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     if not 0 < n <= size - 8:
-        raise CheckpointError(f"{path}: corrupt safetensors file (header length {n}, file size {size} bytes)")
+        raise CheckpointError(f"{path}: damaged or not a safetensors file: its first 8 bytes give a header of {n} "
+                              f"bytes in a file of {size} bytes (expected a header length, a JSON header, the tensors)")
     try:
         header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        raise CheckpointError(f"{path}: damaged or not a safetensors file: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged or not a safetensors file: header is {json.dumps(header)[:40]} "
+                              "(expected a JSON object of tensors)")
     header.pop("__metadata__", None)
     for name, info in header.items():
+        check_header_entry(path, name, info)
         begin, end = info["data_offsets"]
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
@@ -177,6 +206,23 @@ def _shards(state: dict, max_shard_bytes: int) -> list[dict]:
     return shards + [current]
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
+    """safetensors' save_file, then the file mode any other file we write gets: 0666 less the umask.
+
+    save_file leaves its file readable by its owner only (mode 0600, seen with safetensors 0.8),
+    which breaks a checkpoint folder shared with a group, or served by another user, while its
+    config.json beside it is readable by all.
+    """
+    save_file(tensors, file, metadata=metadata)
+    os.chmod(file, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: Transformer, tokenizer, out_dir, max_shard_size: int = 5 * 2**30):
     """Write a checkpoint folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
@@ -200,12 +246,12 @@ def write_checkpoint_files(model: Transformer, tokenizer, folder: Path, max_shar
 
     shards = _shards(state, max_shard_size)
     if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+        save_safetensors(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
+            save_safetensors(shard, folder / name, metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -13,17 +13,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_dir
+from ..errors import UserError
+from ..model.checkpoint import save_safetensors
 from .trainable_tokens import read_peft_rows
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """An adapter folder that does not fit the model; the message names the file and the tensor."""
 
 
@@ -31,8 +32,8 @@ def write_adapter_dir(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -
     """adapter_config.json + adapter_model.safetensors, written atomically (minitune.atomic), so a
     crash never leaves half an adapter behind."""
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
+                         metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return Path(out_dir)
 
@@ -46,11 +47,18 @@ def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
             present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
             raise AdapterError(f"{f}: not found (folder holds {present})")
     try:
-        config = json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
-    with safe_open(str(w_file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{cfg_file}: not UTF-8 text (byte {e.start}; JSON files are UTF-8)") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_file}: holds {json.dumps(config)[:40]} (expected a JSON object of adapter settings)")
+    try:
+        with safe_open(str(w_file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # the library checks the whole header; its message names no file
+        raise AdapterError(f"{w_file}: damaged or not a safetensors file ({e})") from None
     return cfg_file, config, w_file, tensors
 
 

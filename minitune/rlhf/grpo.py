@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..train.checkpoint import prune_checkpoints
 from ..train.optim import make_optimizer
+from ..train.output_dir import check_output_dir
 from ..train.trainer import seed_everything
 from .collapse import collapse_stats, collapse_warnings
 from .ppo import masked_mean
@@ -161,6 +163,8 @@ class GRPOConfig:
     save_steps: int = 0  # output_dir/checkpoint-{step}/ every N steps (0: none)
     output_dir: str | None = None  # where the checkpoints go
     resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
+    overwrite_output_dir: bool = False  # output_dir holds another run: delete its files first (else: an error)
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
 
     def __post_init__(self):
         if (self.batch_size * self.num_generations) % self.mini_batch_size:
@@ -212,8 +216,11 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
 
     reference: a frozen model, or None for the actor with its LoRA adapters off; reward: a rule
     ``reward(prompt_ids, response_ids)`` (see rollout.text_reward) or a RewardModel.
-    cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one.
+    cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one; an
+    output_dir holding another run is an error unless cfg.resume or cfg.overwrite_output_dir
+    (train/output_dir.py); cfg.save_total_limit keeps the newest checkpoints only.
     """
+    check_output_dir(cfg)
     seed_everything(cfg.seed)
     if isinstance(reference, nn.Module):
         reference.eval().requires_grad_(False)
@@ -230,6 +237,7 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
 
     def save(step, records):
         save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records)
+        prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
 
     return run_steps("grpo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl",
                      "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step, records, cfg.save_steps,

@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ..train.checkpoint import prune_checkpoints
 from ..train.optim import make_optimizer
+from ..train.output_dir import check_output_dir
 from ..train.trainer import seed_everything
 from .collapse import collapse_stats, collapse_warnings
 from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_mean, masked_whiten,
@@ -75,6 +77,8 @@ class PPOConfig:
     save_steps: int = 0  # output_dir/checkpoint-{step}/ every N steps (0: none)
     output_dir: str | None = None  # where the checkpoints go
     resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
+    overwrite_output_dir: bool = False  # output_dir holds another run: delete its files first (else: an error)
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
 
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
@@ -88,6 +92,8 @@ def check_checkpointing(cfg):
         raise ValueError("save_steps and resume need an output_dir (where the checkpoints are)")
     if cfg.save_steps < 0:
         raise ValueError(f"save_steps must be >= 0 (0: no checkpoints), got {cfg.save_steps}")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise ValueError(f"save_total_limit must be >= 1 (None: keep every checkpoint), got {cfg.save_total_limit}")
 
 
 def critic_values(critic: nn.Module, roll: Rollout) -> torch.Tensor:
@@ -207,7 +213,10 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
     score_responses / text_reward).  on_step(record) is called after each step (e.g. to evaluate).
     cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one
     (build the four models as for the first run; the trained weights come from the checkpoint).
+    An output_dir holding another run is an error unless cfg.resume or cfg.overwrite_output_dir
+    (train/output_dir.py); cfg.save_total_limit keeps the newest checkpoints only.
     """
+    check_output_dir(cfg)
     seed_everything(cfg.seed)
     for frozen in (reference, reward):
         if isinstance(frozen, nn.Module):
@@ -229,6 +238,7 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
 
     def save(step, records):
         save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records, kl_ctl)
+        prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
 
     return run_steps("ppo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl", "clip": "clip_frac",
                      "ent": "entropy", "len": "response_length", "rep": "repetition_rate"}, cfg.warn, on_step,

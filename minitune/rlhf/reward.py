@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..model.checkpoint import save_safetensors
 from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -218,8 +219,8 @@ def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> Path:
     from ..train.checkpoint import save_final
 
     out = save_final(rm.backbone, tokenizer, out_dir)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in rm.value_head.state_dict().items()},
-              out / VALUE_HEAD_FILE, metadata={"format": "pt"})
+    save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in rm.value_head.state_dict().items()},
+                     out / VALUE_HEAD_FILE, metadata={"format": "pt"})
     return out
 
 

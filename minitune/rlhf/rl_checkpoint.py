@@ -20,7 +20,9 @@ The records are saved too, so the returned list and the JSONL log hold steps 1..
 
 The helpers and the folder rules are the trainer's (``train/checkpoint.py``): a checkpoint is
 written under a hidden temporary name and renamed into place when complete, and ``last_checkpoint``
-only sees complete ``checkpoint-N`` folders, so a crash half-way never leaves one that looks whole.
+only sees complete ``checkpoint-N`` folders, so a crash half-way never leaves one that looks whole;
+trainer_state.pt is read with weights_only (nothing in it runs); a damaged newest checkpoint is
+reported and the one before it resumed from.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..atomic import atomic_dir
-from ..train.checkpoint import STATE_FILE, last_checkpoint, put_weights, rng_state, set_rng_state, trainable_state
+from ..model.checkpoint import CheckpointError
+from ..train.checkpoint import (STATE_FILE, last_checkpoint, put_weights, read_state, read_tensors, resume_checkpoint,
+                                rng_state, set_rng_state, trainable_state)
 
 __all__ = ["save_rl_checkpoint", "load_rl_checkpoint", "resume_rl", "last_checkpoint"]
 
@@ -55,23 +59,25 @@ def save_rl_checkpoint(output_dir, step: int, models: dict[str, nn.Module], opti
     return final
 
 
-def load_trainable(model: nn.Module, file: Path):
-    """Copy a checkpoint's tensors into the model; they must be its trainable parameters."""
+def read_trainable(file: Path) -> dict[str, torch.Tensor]:
+    """One model's tensors of a checkpoint (a DamagedCheckpointError names the file when it cannot be read)."""
     if not file.exists():
-        raise ValueError(f"{file}: not found; the checkpoint was written by another setup (a GRPO checkpoint "
-                         "has no critic) or is not an RL checkpoint")
-    put_weights(model, load_file(file), file)
+        raise CheckpointError(f"{file}: not found; the checkpoint was written by another setup (a GRPO checkpoint "
+                              "has no critic) or is not an RL checkpoint")
+    return read_tensors(file)
 
 
 def load_rl_checkpoint(path, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
                        kl_ctl=None) -> tuple[int, list[dict]]:
     """Put a checkpoint's weights and states back in place; returns (step, records of steps 1..step).
 
+    Every file is read before anything changes (a damaged one leaves the models as they were).
     Call it after seeding (the global RNG states it restores must win)."""
     path = Path(path)
-    for name, model in models.items():  # first: a checkpoint of another setup stops here, naming the file
-        load_trainable(model, path / f"{name}.safetensors")
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    weights = {name: read_trainable(path / f"{name}.safetensors") for name in models}
+    state = read_state(path / STATE_FILE)
+    for name, model in models.items():  # a checkpoint of another setup stops here, naming the file
+        put_weights(model, weights[name], path / f"{name}.safetensors")
     for name, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
     if kl_ctl is not None and state["kl_coef"] is not None:
@@ -83,11 +89,12 @@ def load_rl_checkpoint(path, models: dict[str, nn.Module], optimizers: dict, gen
 
 def resume_rl(output_dir, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
               kl_ctl=None) -> tuple[int, list[dict]]:
-    """Load the last complete checkpoint in output_dir: (step, records); (0, []) when there is none."""
-    ckpt = last_checkpoint(output_dir)
-    if ckpt is None:  # as the trainer's stages do: say so, then start at step 0
+    """Load the newest complete checkpoint in output_dir: (step, records); (0, []) when there is none.
+    A damaged one is reported and the one before it loaded (train/checkpoint.py, resume_checkpoint)."""
+    found = resume_checkpoint(output_dir, lambda c: load_rl_checkpoint(c, models, optimizers, generator, kl_ctl))
+    if found is None:  # as the trainer's stages do: say so, then start at step 0
         tqdm.write(f"resume: no checkpoint in {output_dir}, starting from step 0")
         return 0, []
-    step, records = load_rl_checkpoint(ckpt, models, optimizers, generator, kl_ctl)
+    ckpt, (step, records) = found
     tqdm.write(f"resume: continuing from {ckpt} at step {step}")
     return step, records

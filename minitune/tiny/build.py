@@ -139,7 +139,8 @@ def main(argv=None):
     tcfg = TrainConfig(learning_rate=args.lr, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.1,
                        cutoff_len=args.block_size, logging_steps=10, save_steps=0, plot_loss=True,
-                       output_dir=str(run_dir), seed=args.seed, device=args.device)
+                       output_dir=str(run_dir), overwrite_output_dir=True,  # a rebuild replaces the last log
+                       seed=args.seed, device=args.device)
     # The committed weights were pretrained with the plain (unfused) loss. The fused one gives the same
     # loss to 1e-5, but 2500 steps grow that rounding into different weights: plain keeps the rebuild exact.
     result = train(model, blocks, tcfg, tokenizer=tok, loss_fn=partial(causal_lm_loss, fused=False))

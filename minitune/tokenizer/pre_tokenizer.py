@@ -19,11 +19,13 @@ import unicodedata
 
 import regex
 
+from ..errors import UserError
+
 # The regex that a ByteLevel pre-tokenizer with use_regex=true applies (GPT-2's).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError):
     """A tokenizer file is missing a part, or uses a feature we do not implement."""
 
 

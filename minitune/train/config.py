@@ -20,6 +20,9 @@ the command-line values into it is config_file.py (`load_config`).
 
 from dataclasses import dataclass
 
+from ..data.templates import TEMPLATES
+from ..errors import UserError
+
 STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")
 PEFT_TYPES = ("lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-09, minitune.peft
@@ -27,7 +30,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # stage dpo: minitune.rlhf.dpo.DPO_LOSS_TYPES
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError):
     """A config file or flag minitune cannot use; the message names the source and the key."""
 
 
@@ -62,6 +65,8 @@ class TrainConfig:
     plot_loss: bool = False  # write training_loss.png into output_dir (ppo/grpo: training_reward.png, training_kl.png)
     output_dir: str | None = None  # where checkpoints, the log and the final model go
     resume: bool = False  # continue from the last checkpoint in output_dir
+    overwrite_output_dir: bool = False  # output_dir holds another run: delete its checkpoints, log and model files, start afresh
+    save_total_limit: int | None = None  # keep only the newest N checkpoint-* folders (None: all)
     seed: int = 42  # seeds python, numpy and torch; also the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # parameter-efficient fine-tuning (finetuning_type other than full; minitune/peft, lessons 06-08)
@@ -109,6 +114,8 @@ class TrainConfig:
                              ("lr_scheduler_type", SCHEDULERS)):
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.template not in TEMPLATES:  # before any model loads: a typo costs nothing
+            bad("template", f"unknown chat template {self.template!r} (known: {', '.join(TEMPLATES)})")
         if self.bf16 and self.fp16:
             bad("bf16", "bf16 and fp16 are both true; pick one mixed-precision dtype")
         self.validate_preference(bad)

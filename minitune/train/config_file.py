@@ -26,7 +26,7 @@ from pathlib import Path
 from .config import TrainConfig, TrainConfigError
 
 # keys of LLaMA-Factory example configs that change nothing here; accepted with a note, so its files load
-IGNORED_KEYS = ("do_train", "do_eval", "overwrite_cache", "overwrite_output_dir", "preprocessing_num_workers",
+IGNORED_KEYS = ("do_train", "do_eval", "overwrite_cache", "preprocessing_num_workers",
                 "dataloader_num_workers", "report_to", "ddp_timeout", "trust_remote_code", "save_only_model",
                 "eval_strategy", "evaluation_strategy", "save_strategy", "logging_strategy")
 

@@ -34,15 +34,26 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate_metrics, split_output, to_device
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .optim import make_optimizer
+from .output_dir import check_output_dir
 from .plot import plot_log
 from .schedule import make_scheduler
 
 LOG_FILE, PLOT_FILE = "trainer_log.jsonl", "training_loss.png"
+# fp16: the loss scaler skips a step whose scaled gradients overflowed and halves its scale. A few skips
+# are normal (one batch overflowing, or the scale settling). When they go on, the weights themselves have
+# left float16's range, which no scale can fix: the run stops once more than FP16_MAX_SKIP_SHARE of the
+# last FP16_WINDOW steps were skipped, or the loss was not finite FP16_PATIENCE steps in a row.
+FP16_WINDOW, FP16_MAX_SKIP_SHARE, FP16_PATIENCE = 10, 0.5, 3
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradients stopped being finite; the message names the step and the last good
+    checkpoint. Nothing is saved from such a run."""
 
 
 def count_targets(batch: dict) -> int:
@@ -67,6 +78,19 @@ class TrainResult:
     last_checkpoint: Path | None = None
     metrics: dict[int, dict] = field(default_factory=dict)  # step -> extra metrics of loss_fn (see train)
     eval_metrics: dict[int, dict] = field(default_factory=dict)
+    resumed_from: Path | None = None  # the checkpoint this call continued from (cfg.resume)
+
+    @property
+    def steps_text(self) -> str:
+        """What this call trained, e.g. "26 steps (steps 15-40, resumed from checkpoint-14)"; a resumed run's
+        global_step counts the steps before the checkpoint too."""
+        if self.resumed_from is None:
+            return f"{self.global_step} steps"
+        ran = sorted(self.losses)
+        if not ran:
+            return f"0 steps ({self.resumed_from.name} had finished all {self.global_step})"
+        where = f"step {ran[0]}" if len(ran) == 1 else f"steps {ran[0]}-{ran[-1]}"
+        return f"{len(ran)} step{'s' * (len(ran) > 1)} ({where}, resumed from {self.resumed_from.name})"
 
 
 def seed_everything(seed: int):
@@ -122,7 +146,10 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     after_step(model, step): called after each optimizer step (step = 1, 2, ...), while the gradients
     are still there, before they are cleared; e.g. AdaLoRA's rank allocator reads them and masks
     what it prunes (after the update, so AdamW cannot move a pruned value off zero again).
+    cfg.output_dir holding another run is an error unless cfg.resume or cfg.overwrite_output_dir
+    (train/output_dir.py); cfg.save_total_limit keeps the newest checkpoints only.
     """
+    check_output_dir(cfg)
     device = dist.setup(cfg.device)
     rank, world_size = dist.world()
     main = rank == 0
@@ -157,12 +184,14 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     out = Path(cfg.output_dir) if cfg.output_dir else None
     step = 0
     if cfg.resume:
-        ckpt = last_checkpoint(out)
-        if ckpt is None:
+        # the newest checkpoint that loads: a damaged one is reported and the one before it used
+        found = resume_checkpoint(out, lambda c: load_checkpoint(c, model, optimizer, scheduler, scaler))
+        if found is None:
             tqdm.write(f"resume: no checkpoint in {out}, starting from step 0")
         else:
-            info = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
-            step = info["global_step"]
+            ckpt, info = found
+            step = result.global_step = info["global_step"]
+            result.resumed_from = ckpt
             if info.get("steps_per_epoch") != steps_per_epoch:
                 tqdm.write(f"resume: warning, {ckpt} had {info.get('steps_per_epoch')} steps per epoch, now "
                            f"{steps_per_epoch} (data or batch size changed); the data order will differ")
@@ -189,6 +218,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
 
     pbar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     window, metric_window, tokens, t_last = [], {}, 0.0, time.perf_counter()
+    # fp16: steps in a row with a non-finite loss; (step, checkpoint) written so far, the resumed one first
+    nonfinite, saved = 0, ([(step, result.resumed_from)] if result.resumed_from else [])
     t_start = t_last
     try:
         while step < total:
@@ -227,9 +258,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
             if not cfg.fp16 and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
-                raise FloatingPointError(
-                    f"step {step}: the training {what}; stopping. Try a lower learning_rate, check the data, "
-                    f"or train in bf16 rather than fp16 (last checkpoint: {result.last_checkpoint})")
+                raise TrainingDiverged(f"step {step}: the training {what}; stopping. Try a lower learning_rate or "
+                                       f"check the data (last good checkpoint: {result.last_checkpoint})")
             lr = optimizer.param_groups[0]["lr"]
             scale = scaler.get_scale()
             scaler.step(optimizer)
@@ -247,6 +277,19 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 if main:
                     tqdm.write(msg)
                 log({"step": step, "skipped": True, "message": msg})
+            if cfg.fp16:
+                nonfinite = nonfinite + 1 if not math.isfinite(step_loss) else 0
+                recent = [s for s in result.skipped_steps if s > step - FP16_WINDOW]
+                too_many_skips = step >= FP16_WINDOW and len(recent) > FP16_MAX_SKIP_SHARE * FP16_WINDOW
+                if nonfinite >= FP16_PATIENCE or too_many_skips:
+                    why = (f"the loss was {step_loss} {nonfinite} steps in a row" if nonfinite >= FP16_PATIENCE else
+                           f"the fp16 loss scaler skipped {len(recent)} of the last {FP16_WINDOW} steps")
+                    first_bad = min(recent + [step - nonfinite + 1])
+                    good = next((p for s, p in reversed(saved) if s < first_bad and p.exists()), None)
+                    msg = (f"step {step}: {why}; the run diverged and stops, no model saved. Last good checkpoint: "
+                           f"{good or 'none'}. Try a lower learning_rate, or bf16 instead of fp16")
+                    log({"step": step, "stopped": True, "message": msg})
+                    raise TrainingDiverged(msg)
 
             result.losses[step], result.global_step = step_loss, step
             if math.isfinite(step_loss):
@@ -278,6 +321,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 result.last_checkpoint = save_checkpoint(
                     out, step, model, tokenizer, optimizer, scheduler, scaler,
                     {"epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed})
+                prune_checkpoints(out, cfg.save_total_limit, step)
+                saved.append((step, result.last_checkpoint))
                 if cfg.plot_loss:  # keep the picture current, so a stopped run still has one
                     plot_log(result.log_path, out / PLOT_FILE)
     finally:

@@ -8,8 +8,9 @@ lesson 05's epochs) is the baseline; because every lesson needs it, its measured
 runs/lessons-06-08/ and reused while the model, the data and the settings are the same
 (`--remeasure` runs it again).
 
-Lessons 07 and 08 import this file from here (`sys.path`), so all three measure the same way; lesson
-09 takes LESSON_05 and LORA from it, to repeat lesson 06's LoRA run on a 4-bit base.
+Lessons 06, 07 and 08 import it (`from minitune.classroom import tiny_sft as S`), so all three measure
+the same way; lesson 09 takes LESSON_05 and LORA from it, to repeat lesson 06's LoRA run on a 4-bit base.
+It lives in the package, not in a lesson's folder, so that a lesson imports it like any other module.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def config(args, finetuning_type: str, lr: float, out: str, epochs: float | None
     return TrainConfig(**{**LESSON_05, "seed": args.seed}, finetuning_type=finetuning_type, learning_rate=lr,
                        num_train_epochs=epochs or args.epochs,
                        max_steps=FAST_STEPS if args.fast else None, logging_steps=5, save_steps=0, output_dir=out,
+                       overwrite_output_dir=True,  # a rerun of the lesson replaces its last run in `out`
                        bf16=args.dtype == "bfloat16", device=args.device, **peft)
 
 
