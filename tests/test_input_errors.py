@@ -154,6 +154,23 @@ def test_saved_model_files_are_world_readable(tmp_path, umask, mode):
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(mode) for p in files}
 
 
+def test_checkpoint_files_of_a_trainable_subset_are_world_readable(tmp_path):
+    from minitune.train import TrainConfig, train
+
+    model = tiny_model()
+    model.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # few trainable parameters: trainable_params.safetensors
+    data = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 2
+    old = os.umask(0o022)
+    try:
+        train(model, data, TrainConfig(max_steps=1, per_device_train_batch_size=2, save_steps=1, device="cpu",
+                                       output_dir=str(tmp_path)))
+    finally:
+        os.umask(old)
+    saved = tmp_path / "checkpoint-1" / "trainable_params.safetensors"
+    assert oct(stat.S_IMODE(saved.stat().st_mode)) == oct(0o644)
+
+
 # ----------------------------------------------------------------------------- the context
 
 

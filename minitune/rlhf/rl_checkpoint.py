@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..atomic import atomic_dir
-from ..model.checkpoint import CheckpointError
+from ..model.checkpoint import CheckpointError, save_safetensors
 from ..train.checkpoint import (STATE_FILE, last_checkpoint, put_weights, read_state, read_tensors, resume_checkpoint,
                                 rng_state, set_rng_state, trainable_state)
 
@@ -50,7 +49,7 @@ def save_rl_checkpoint(output_dir, step: int, models: dict[str, nn.Module], opti
     final = Path(output_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         for name, model in models.items():
-            save_file(trainable_state(model), tmp / f"{name}.safetensors", metadata={"format": "pt"})
+            save_safetensors(trainable_state(model), tmp / f"{name}.safetensors", metadata={"format": "pt"})
         state = {"global_step": step, "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                  "kl_coef": None if kl_ctl is None else kl_ctl.value,  # the controller's only moving part
                  "generator": generator.get_state(), "rng": rng_state(), "records": records}

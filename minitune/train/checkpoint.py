@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..atomic import atomic_dir, hidden_name
 from ..model import Transformer, save_pretrained
-from ..model.checkpoint import CheckpointError, weight_files, write_checkpoint_files
+from ..model.checkpoint import CheckpointError, save_safetensors, weight_files, write_checkpoint_files
 
 TRAINABLE_FILE, STATE_FILE = "trainable_params.safetensors", "trainer_state.pt"
 
@@ -88,7 +88,7 @@ def save_checkpoint(output_dir, step: int, model: nn.Module, tokenizer, optimize
         if saves_full_model(model):
             write_checkpoint_files(model, tokenizer, tmp)
         else:
-            save_file(trainable_state(model), tmp / TRAINABLE_FILE, metadata={"format": "pt"})
+            save_safetensors(trainable_state(model), tmp / TRAINABLE_FILE, metadata={"format": "pt"})
         state = {"global_step": step, **info, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
         torch.save(state, tmp / STATE_FILE)
