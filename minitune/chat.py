@@ -10,12 +10,19 @@ import sys
 
 import torch
 
+import minitune
+
+from .data import encode_segments, get_template, render_segments
 from .data.templates import TEMPLATES
 from .errors import UserError
+from .generation import GenerationError
+from .peft import load_adapter
 
 
 def model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    p.add_argument("config", nargs="?", help="an inference config (.yaml/.json, as llamafactory-cli chat takes: "
+                                             "model_name_or_path, adapter_name_or_path, template, ...); flags win")
+    p.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter", help="adapter folder (e.g. LoRA) to put on the model")
     p.add_argument("--template", help=f"chat template: {', '.join(TEMPLATES)}; chat defaults to chatml, "
                                       "generate without one continues the raw prompt text")
@@ -30,16 +37,15 @@ def model_args(p: argparse.ArgumentParser):
 
 
 def load_for_inference(args):
-    import minitune
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tok = minitune.load_pretrained(args.model, device=device, dtype=None if args.dtype == "auto" else args.dtype)
     if tok is None:
         raise UserError(f"{args.model}: no tokenizer files (tokenizer.json, or tokenizer.model)")
-    if args.adapter:
-        from .finetuning import attach_adapter  # rebuilds the training-time method from its saved settings
-
-        model = attach_adapter(model, args.adapter)
+    if args.adapter:  # PEFT's LoRA / AdaLoRA folder, or minitune's method file (minitune/peft/adapter_io.py)
+        try:
+            model = load_adapter(model, args.adapter)
+        except (ValueError, FileNotFoundError) as e:  # AdapterError is a ValueError
+            raise UserError(f"--adapter {args.adapter}: {e}") from None
     return model.eval(), tok, device
 
 
@@ -82,7 +88,6 @@ class Streamer:
 
 def prompt_ids(tok, args, messages: list[dict] | None, prompt: str | None) -> list[int]:
     """The ids generation continues: a chat (messages + template) up to the assistant header, or raw text."""
-    from .data import encode_segments, get_template, render_segments
 
     if messages is None:
         return tok.encode(prompt)
@@ -91,7 +96,6 @@ def prompt_ids(tok, args, messages: list[dict] | None, prompt: str | None) -> li
 
 def reply(model, tok, device, args, messages: list[dict] | None, prompt: str | None, out=None) -> str:
     """Stream a continuation of a chat (messages + template) or of raw prompt text; returns the text."""
-    from .data import get_template
 
     out = out or sys.stdout
     stop, stop_ids = "", set(tok.stop_ids) or {tok.eos_id} - {None}  # the model's own stop set, as HF generate
@@ -104,7 +108,6 @@ def reply(model, tok, device, args, messages: list[dict] | None, prompt: str | N
             stop = ""
     streamer = Streamer(tok, stop_ids, stop, out)
     try:
-        import minitune
 
         minitune.generate(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, eos_id=sorted(stop_ids), seed=args.seed, on_token=streamer)
@@ -132,7 +135,6 @@ def check_prompt_fits(model, n_prompt: int, args):
     any error; the virtual tokens of prompt or prefix tuning (minitune.peft.prompt, .prefix) take
     positions too.
     """
-    from .generation import GenerationError
 
     context, virtual = model.config.max_position_embeddings, getattr(model, "num_virtual_tokens", 0)
     n = n_prompt + virtual
@@ -149,7 +151,6 @@ def fit_history(tok, template: str, system: list[dict], history: list[dict], bud
     Returns (kept history, exchanges dropped, prompt length). The newest user message is never
     dropped; if it alone is too long the caller must say so.
     """
-    from .data import encode_segments, render_segments
 
     dropped = 0
     while True:

@@ -9,20 +9,33 @@ Training lives here; what each finetuning_type adds, saves and reads back in fin
 """
 
 import argparse
+import copy
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from . import chat
-from .finetuning import apply_finetuning_type, save_trained, training_hooks
+import minitune
+
+from . import chat, rlhf  # rlhf.train_ppo / train_grpo looked up when run (tests swap them)
+from .data import PaddingCollator, encode_segments, prepare_sft
 from .data.dataset import check_cutoff_len
+from .data.registry import load_pair_records, load_sft, resolve_datasets
 from .data.templates import TEMPLATES, get_template
 from .errors import UserError
+from .finetuning import apply_finetuning_type, save_trained, training_hooks
+from .rlhf.dpo import train_dpo
+from .rlhf.reward import RewardModel, load_reward_model, prepare_pairs, save_reward_model, train_reward_model
+from .seed import seed_everything
+from .tiny.evaluate import stop_ids
+from .tiny.tasks import preference_score
+from .train import distributed, train
 from .train.config import PEFT_TYPES, TrainConfig
-from .train.config_file import FIELDS, coerce, flag_help, load_config
+from .train.config_file import FIELDS, coerce, flag_help, load_config, read_config_file
+from .train.output_dir import check_output_dir
 from .train.plot import plot_log
-from .train.trainer import TrainingDiverged, seed_everything
+from .train.trainer import TrainingDiverged
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
@@ -51,8 +64,6 @@ def train_parser(sub) -> argparse.ArgumentParser:
 
 def load_for_training(cfg: TrainConfig):
     """(model, tokenizer) ready to train: the finetuning_type hook (LoRA wraps the model here)."""
-    import minitune
-
     if (cfg.stage, cfg.finetuning_type) not in IMPLEMENTED:
         raise UserError(f"stage {cfg.stage!r} with finetuning_type {cfg.finetuning_type!r} is not "
                          f"implemented yet; this version trains {sorted(IMPLEMENTED)}")
@@ -82,19 +93,17 @@ def load_for_training(cfg: TrainConfig):
 
 
 def run_train(cfg: TrainConfig):
-    from .data import PaddingCollator, load_examples, prepare_sft
-    from .train import distributed, train
-    from .train.output_dir import check_output_dir
-
     # before anything loads: an output_dir holding another run stops here, unless resume or
     # overwrite_output_dir says what to do with it (every stage; train() and the RL loops check again)
     check_output_dir(cfg)
+    resolve_datasets(cfg.datasets, cfg.dataset_dir)  # an unknown data set name stops here too, listing the known
     if cfg.stage in ("ppo", "grpo"):
         return run_rl(cfg)
     if cfg.stage in ("rm", "dpo"):
         return run_preference(cfg)
     model, tok = load_for_training(cfg)
-    examples = [ex for path in cfg.datasets for ex in load_examples(path).examples]
+    examples = [ex for spec in resolve_datasets(cfg.datasets, cfg.dataset_dir)
+                for ex in load_sft(spec, cfg.max_samples).examples]
     data = prepare_sft(examples, tok, cfg.template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
     main = distributed.is_main()
     if main:
@@ -114,20 +123,18 @@ def run_preference(cfg: TrainConfig):
     """stage rm / dpo (lessons 10, 12) on {"prompt", "chosen", "rejected"} data. rm: the model plus a value
     head, saved as the model folder + value_head.safetensors. dpo: the model (full or LoRA) against itself
     before training as the reference (pref_beta, pref_loss, dpo_label_smoothing)."""
-    from .data.formats import iter_records
-    from .rlhf.dpo import train_dpo
-    from .rlhf.reward import RewardModel, prepare_pairs, save_reward_model, train_reward_model
-    from .train import distributed
-
     model, tok = load_for_training(cfg)
-    paths = cfg.datasets
-    records = paths[0] if len(paths) == 1 else [rec for p in paths for _, rec in iter_records(p)]
+    specs = resolve_datasets(cfg.datasets, cfg.dataset_dir)
+    if len(specs) == 1 and specs[0].formatting is None and cfg.max_samples is None:
+        records = specs[0].file  # a plain file: prepare_pairs names its lines in what it reports
+    else:
+        records = [rec for spec in specs for rec in load_pair_records(spec, cfg.max_samples)]
     data = prepare_pairs(records, tok, cfg.template, cfg.cutoff_len, cfg.val_size, cfg.seed)
     main = distributed.is_main()
     if main:
         print(f"data: {data.report.summary()}" + "".join(f"\n  {n}" for n in data.report.notes))
     if not data.train:
-        raise SystemExit("error: no usable preference pairs left (see the counts above)")
+        raise UserError("no usable preference pairs left (see the counts above)")
     if cfg.stage == "rm":
         rm = RewardModel(model)
         result = train_reward_model(rm, data, cfg, tok)
@@ -153,11 +160,10 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
     template and the assistant header; prompts that leave no room for max_new_tokens are skipped.
     rule(prompt ids, response ids): a reward rule, tried on every prompt here (with an empty reply) so
     that one it cannot read stops the run now, naming the example, not when a batch first draws it."""
-    from .data import encode_segments, get_template, load_examples
-
     template, prompts, skipped = get_template(cfg.template), [], 0
-    for path in cfg.datasets:
-        for i, messages in enumerate(load_examples(path).examples):
+    for spec in resolve_datasets(cfg.datasets, cfg.dataset_dir):
+        path = spec.file
+        for i, messages in enumerate(load_sft(spec, cfg.max_samples).examples):
             turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
             ids = encode_segments(tok, template.segments(turns, add_generation_prompt=True))[0]
             if len(ids) + cfg.max_new_tokens > cfg.cutoff_len:
@@ -180,16 +186,6 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
 def run_rl(cfg: TrainConfig):
     """stage ppo / grpo (lessons 11, 13): the actor is the model (full, or LoRA with the reference =
     the adapter switched off); the reward is a reward model folder or the tiny world's rule."""
-    import copy
-    import math
-
-    import minitune
-
-    from .rlhf import GRPOConfig, PPOConfig, RewardModel, arithmetic_reward, text_reward, train_grpo, train_ppo
-    from .rlhf.reward import load_reward_model
-    from .tiny.evaluate import stop_ids
-    from .tiny.tasks import preference_score
-
     # settings the trainer's stages read but PPO / GRPO here do not: say so rather than ignore them quietly
     unused = [k for k in RL_UNUSED if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
     if unused:
@@ -206,7 +202,7 @@ def run_rl(cfg: TrainConfig):
         reward = load_reward_model(cfg.reward_model, device=device)[0]
     else:
         # the rule reads the user's message, which it finds by the prompts' template
-        reward = text_reward(preference_score if cfg.stage == "ppo" else arithmetic_reward, tok, stops, cfg.template)
+        reward = rlhf.text_reward(preference_score if cfg.stage == "ppo" else rlhf.arithmetic_reward, tok, stops, cfg.template)
     prompts = rl_prompts(cfg, tok, None if cfg.reward_model else reward)
     mini = cfg.per_device_train_batch_size
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
@@ -217,21 +213,21 @@ def run_rl(cfg: TrainConfig):
     ran = []  # the records of the steps this call runs (a resumed run's list also holds those before)
     if cfg.stage == "ppo":
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
-        rl = PPOConfig(steps=steps, batch_size=batch, mini_batch_size=mini, ppo_epochs=cfg.ppo_epochs,
+        rl = rlhf.PPOConfig(steps=steps, batch_size=batch, mini_batch_size=mini, ppo_epochs=cfg.ppo_epochs,
                        learning_rate=cfg.learning_rate, init_kl_coef=0.2 if cfg.init_kl_coef is None else cfg.init_kl_coef,
                        adap_kl_ctrl=cfg.ppo_target is not None, target_kl=cfg.ppo_target or 6.0,
                        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
                        seed=cfg.seed, log_path=log, **checkpointing)
         critic = RewardModel(base, init_std=0.0).to(device)  # a zero value head: V = 0 until it learns (lesson 11)
-        records = train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
+        records = rlhf.train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
     else:
         steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(prompts) / batch))
-        rl = GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,
+        rl = rlhf.GRPOConfig(steps=steps, batch_size=batch, num_generations=cfg.num_generations,
                         mini_batch_size=mini * cfg.num_generations, learning_rate=cfg.learning_rate,
                         beta=0.04 if cfg.init_kl_coef is None else cfg.init_kl_coef, max_new_tokens=cfg.max_new_tokens,
                         max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log,
                         **checkpointing)
-        records = train_grpo(actor, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
+        records = rlhf.train_grpo(actor, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)
     # plot_loss: what RL climbs and what holds it back, per step (LLaMA-Factory's PPO plots the reward too)
@@ -245,6 +241,38 @@ def run_rl(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+# llamafactory-cli chat / export config keys -> `minitune chat` / `generate` flags (dest names)
+INFERENCE_KEYS = {"model_name_or_path": "model", "adapter_name_or_path": "adapter", "template": "template",
+                  "default_system": "system", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+                  "top_p": "top_p", "top_k": "top_k"}
+INFERENCE_NOTED = {"finetuning_type": "the adapter folder says which method it holds",
+                   "infer_backend": "minitune has one backend, its own generate loop",
+                   "trust_remote_code": "minitune runs no code from a model folder",
+                   "infer_dtype": "use --dtype", "enable_thinking": "not read yet by minitune chat"}
+
+
+def inference_settings(path) -> dict:
+    """An inference yaml/json (LLaMA-Factory's examples/inference/*.yaml) as chat/generate defaults."""
+    settings, noted = {}, []
+    for key, value in read_config_file(path).items():
+        if key in INFERENCE_KEYS:
+            settings[INFERENCE_KEYS[key]] = value
+        elif key == "do_sample":  # false: greedy; true: LLaMA-Factory's default sampling unless set
+            settings.setdefault("temperature", 0.95 if value else 0.0)
+            if value:
+                settings.setdefault("top_p", 0.7)
+        elif key in INFERENCE_NOTED:
+            noted.append(f"{key} ({INFERENCE_NOTED[key]})")
+        else:
+            raise UserError(f"{path}: unknown key {key!r} for chat/generate (expected one of "
+                            f"{', '.join([*INFERENCE_KEYS, 'do_sample', *INFERENCE_NOTED])})")
+    if noted:
+        print(f"note: {path}: not used: {'; '.join(noted)}", file=sys.stderr)
+    if isinstance(settings.get("adapter"), list):
+        settings["adapter"] = ",".join(settings["adapter"])
+    return settings
 
 
 class UserExit(SystemExit):
@@ -285,7 +313,12 @@ def run_command(argv=None):
                                     "kept; /reset clears it, /exit quits. Reads stdin, so input can be piped.")
     chat.model_args(cp)
     args, unknown = parser.parse_known_args(argv)
+    if args.command != "train" and args.config:  # the file's settings become defaults; flags given still win
+        (gp if args.command == "generate" else cp).set_defaults(**inference_settings(args.config))
+        args, unknown = parser.parse_known_args(argv)
     if args.command != "train":
+        if not args.model:
+            parser.error(f"{args.command}: a model is needed: --model, or model_name_or_path in a config file")
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.template:  # a typo fails now, not after the model has loaded

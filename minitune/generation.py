@@ -11,9 +11,14 @@ count real tokens only, so a padded prompt gets the same positions as the unpadd
 A model knows positions up to its context, `max_position_embeddings`; past it RoPE still computes
 angles, but for positions the model never saw in training, and the text turns to garbage without
 any error. So a prompt that fills the context is refused, and generation stops at the context.
+
+`decode_loop` is the plain loop above; `generate` checks the context and runs it. Its one speed
+switch, `fast_decode=True` (the default, so the lessons' timings stay as measured), wraps the loop
+in `matvec_layout`, which stores the CPU fp32 linear weights column by column while decoding;
+`fast_decode=False` runs the loop as written. Both give the same tokens (tests/test_fast_paths.py).
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -86,7 +91,8 @@ def next_token(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, ge
 
 @contextmanager
 def matvec_layout(model):
-    """On CPU, store each fp32 linear weight [out, in] column by column while decoding, then put it back.
+    """The speed variant behind `generate(..., fast_decode=True)`: on CPU, store each fp32 linear
+    weight [out, in] column by column while decoding, then put it back.
 
     Same shape, same values, only the memory order changes (`w.t().contiguous().t()`). Decoding
     multiplies one row by every weight; F.linear computes x @ w.T, and with this order w.T is a
@@ -111,7 +117,7 @@ def matvec_layout(model):
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
              attention_mask: torch.Tensor | None = None, seed: int | None = None,
-             on_token=None) -> torch.Tensor:
+             on_token=None, fast_decode: bool = True) -> torch.Tensor:
     """Continue each row of input_ids [B, T]; returns [B, T + new] with new <= max_new_tokens.
 
     Rows that emit an EOS id are finished: later columns are filled with that EOS id (the same
@@ -122,20 +128,24 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     tokens of prompt or prefix tuning) or longer raises GenerationError; otherwise generation stops
     when the context is full: max_new_tokens is cut to what fits, never refused (a batch of rollouts
     keeps going; `minitune generate` and `minitune chat` refuse such a prompt before they call this).
+
+    fast_decode: the speed switch; True (the default) lays the CPU weights out for one-row matvecs while
+    decoding (`matvec_layout`), False runs the plain loop. Same tokens either way.
     """
     room = context_room(model, input_ids, attention_mask)
     if room is not None:
         max_new_tokens = min(max_new_tokens, room)
-    with matvec_layout(model):
-        return _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
-                         on_token)
+    with matvec_layout(model) if fast_decode else nullcontext():
+        return decode_loop(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask, seed,
+                           on_token)
 
 
 @torch.inference_mode()
-def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
-             attention_mask: torch.Tensor | None = None, seed: int | None = None,
-             on_token=None) -> torch.Tensor:
+def decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, eos_id: int | list | None = None,
+                attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                on_token=None) -> torch.Tensor:
+    """The plain KV-cache loop: prefill the prompt once, then feed one token at a time."""
     B, T = input_ids.shape
     device = input_ids.device
     eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)

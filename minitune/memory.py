@@ -77,7 +77,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Exactly Transformer(cfg).num_parameters(), from the config alone."""
+    """Exactly Transformer(cfg).num_parameters(), from the config alone (a formula: no model is built).
+    To count a built model's parameters, trainable and total, use minitune.peft.count_parameters(model)."""
     return sum(parameter_counts(cfg).values())
 
 

@@ -11,8 +11,9 @@ from hf_factory import hf_load, rel_error, write_checkpoint
 from safetensors.torch import load_file
 
 import minitune
-from minitune.peft import AdaLoRAConfig, AdaLoRAController, AdapterError, SVDLinear, apply_adalora, orth_regularizer
-from minitune.peft.adalora import load_adapter, ranks, save_adapter
+from minitune.peft import (AdaLoRAConfig, AdaLoRAController, AdapterError, SVDLinear, apply_adalora, load_adapter,
+                           orth_regularizer, save_adapter)
+from minitune.peft.adalora import ranks
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -235,3 +236,19 @@ def test_config_rejects_schedules_peft_rejects():
         AdaLoRAConfig(total_step=0)
     with pytest.raises(ValueError, match="no steps"):
         AdaLoRAConfig(total_step=10, tinit=5, tfinal=5)
+
+
+def test_svd_layer_owns_its_update_merge_and_unmerge():
+    torch.manual_seed(0)
+    layer = SVDLinear(torch.nn.Linear(12, 10), r=4, alpha=8.0)
+    assert layer.alpha == 8.0 and layer.scaling == 8.0 / (4 + 1e-5)  # scaling: what multiplies P diag(Λ) Q
+    with torch.no_grad():
+        layer.lora_E.normal_()
+        x = torch.randn(3, 12)
+        y, w0 = layer(x), layer.base_layer.weight.clone()
+        torch.testing.assert_close(layer.delta_weight(), layer.scaling * layer.lora_B @ torch.diag(
+            layer.lora_E.view(-1)) @ layer.lora_A)
+        layer.merge()
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)

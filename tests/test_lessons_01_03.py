@@ -17,7 +17,7 @@ import torch
 from minitune.generation import top_k_filter, top_p_filter
 from minitune.model import KVCache, ModelConfig, Transformer
 from minitune.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from minitune.model.transformer import MLP, Attention, RMSNorm
+from minitune.model.transformer import MLP, Attention, AttentionInputs, RMSNorm
 from minitune.tokenizer.bpe import ByteLevelBPE, bytes_to_unicode
 from minitune.tokenizer.bpe_trainer import tokenizer_json, train_bpe
 from minitune.tokenizer.sample_text import mixed_text
@@ -173,10 +173,10 @@ def test_ex_02_3_gqa_attention_equals_repeated_kv_heads():
 
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, cos, sin, None, True, None, 0), reference(causal), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(attn(x, AttentionInputs(cos, sin, is_causal=True), None, 0), reference(causal), rtol=1e-4, atol=1e-5)
         real = torch.tensor([[False, False, True, True, True, True], [True] * T])  # row 0 is left-padded
         padded = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool)  # padding still sees itself
-        got = attn(x, cos, sin, padded, False, None, 0)
+        got = attn(x, AttentionInputs(cos, sin, padded), None, 0)
         torch.testing.assert_close(got, reference(padded), rtol=1e-4, atol=1e-5)
 
 

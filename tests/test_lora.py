@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import minitune
 from minitune.peft import (AdapterError, LoRALinear, apply_lora, count_parameters, load_adapter, lora_state_dict,
                            merge_lora, print_trainable_parameters, save_adapter, unmerge_lora)
+from minitune.peft.lora import lora_layers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -53,6 +54,9 @@ def test_peft_adapter_loads_into_minitune_with_same_logits(ckpt, tmp_path, kind,
     load_adapter(ours, tmp_path)
     with torch.no_grad():
         assert rel_error(ours(ids()), ref(ids()).logits) < REL_TOL
+        for m in lora_layers(ours).values():  # the textbook path of LoRALinear's switch, too
+            m.fast = False
+        assert rel_error(ours(ids()), ref(ids()).logits) < REL_TOL
     # and the LoRA path is really in use: without it the logits differ
     base, _ = minitune.load_pretrained(ckpt[kind])
     with torch.no_grad():
@@ -71,11 +75,13 @@ def train_a_few_steps(model, steps=3, lr=1e-2):
     return model.eval()
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])  # LoRALinear's switch: both paths equal PEFT
 @pytest.mark.parametrize("kind", KINDS)
-def test_minitune_trained_adapter_loads_into_peft_with_same_logits(ckpt, tmp_path, kind):
+def test_minitune_trained_adapter_loads_into_peft_with_same_logits(ckpt, tmp_path, kind, fast):
     ours, _ = minitune.load_pretrained(ckpt[kind])
     base_before = {k: v.clone() for k, v in ours.state_dict().items()}
-    apply_lora(ours, r=4, alpha=8, targets="all-linear")
+    apply_lora(ours, r=4, alpha=8, targets="all-linear", fast=fast)
+    assert all(m.fast is fast for m in lora_layers(ours).values())
     train_a_few_steps(ours)
     # training moved the adapter and nothing else
     assert all(t.abs().max() > 0 for k, t in lora_state_dict(ours).items() if "lora_B" in k)
@@ -171,6 +177,9 @@ def test_rslora_scaling_and_parity(ckpt, tmp_path, kind):
     q = ours.model.layers[1].self_attn.q_proj
     assert q.scaling == pytest.approx(8 / math.sqrt(16)) and q.scaling != 8 / 16
     with torch.no_grad():
+        assert rel_error(ours(ids()), ref(ids()).logits) < REL_TOL
+        for m in lora_layers(ours).values():  # the textbook path of LoRALinear's switch, too
+            m.fast = False
         assert rel_error(ours(ids()), ref(ids()).logits) < REL_TOL
     save_adapter(ours, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_rslora"] is True

@@ -115,7 +115,7 @@ def test_each_type_trains_only_its_parameters_and_reloads(ft, tiny_dir, tmp_path
     assert ({"adapter_config.json", "adapter_model.safetensors"} if ft in ("lora", "adalora")
             else {finetuning.METHOD_FILE, finetuning.METHOD_WEIGHTS}) <= files
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
+    reloaded = minitune.peft.load_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(reloaded, ids), logits(base, ids), atol=1e-4)  # and it did learn something
@@ -131,7 +131,7 @@ def test_lora_adapter_is_peft_layout_and_export_merges(tiny_dir, tmp_path, monke
     merged, tok = minitune.load_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert tok is not None and isinstance(merged, Transformer)
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    with_adapter = finetuning.attach_adapter(fresh, tmp_path / "out")
+    with_adapter = minitune.peft.load_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(merged, ids), logits(with_adapter, ids), rtol=1e-4, atol=1e-5)
 
@@ -140,7 +140,7 @@ def test_adalora_export_merges_the_pruned_svd_update(tiny_dir, tmp_path, monkeyp
     run_cli_train(tiny_dir, tmp_path / "out", "adalora", monkeypatch, "--export_dir", str(tmp_path / "merged"))
     merged, _ = minitune.load_pretrained(tmp_path / "merged", dtype=torch.float32)
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    with_adapter = finetuning.attach_adapter(fresh, tmp_path / "out")
+    with_adapter = minitune.peft.load_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(merged, ids), logits(with_adapter, ids), rtol=1e-4, atol=1e-5)
 
@@ -269,6 +269,6 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads_onto_nf4(tiny_
     assert any(not torch.equal(model.get_parameter(n), start[n]) for n in trained)
     # the PEFT-layout adapter goes back onto a freshly quantized base with the same outputs
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32, quantize="nf4")
-    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
+    reloaded = minitune.peft.load_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[5, 9, 30, 2, 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)

@@ -280,7 +280,7 @@ def test_cli_train_with_trainable_tokens_saves_them_and_adapter_reads_them_back(
     else:
         assert json.loads((tmp_path / "out" / finetuning.METHOD_FILE).read_text())["trainable_token_indices"] == want
     fresh, _ = minitune.load_pretrained(tiny_dir / "model", dtype=torch.float32)
-    reloaded = finetuning.attach_adapter(fresh, tmp_path / "out")
+    reloaded = minitune.peft.load_adapter(fresh, tmp_path / "out")
     ids = torch.tensor([[want[0], 9, 30, want[1], 41, 7]])
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 

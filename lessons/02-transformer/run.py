@@ -12,6 +12,7 @@ from minitune.classroom.lesson import finish, load_or_build, parse_args, section
 from minitune.model import load_model
 from minitune.model.checkpoint import read_header, read_tensor, weight_files
 from minitune.model.rope import apply_rope, rope_cos_sin
+from minitune.model.transformer import AttentionInputs
 
 
 def rmsnorm(model, ids) -> torch.Tensor:
@@ -85,7 +86,7 @@ def gqa(model, x0) -> torch.Tensor:
     B, T, _ = xa.shape
     with torch.no_grad():
         cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T, device=xa.device).expand(B, T), xa.dtype)
-        ours = attn(xa, cos, sin, None, True, None, 0)
+        ours = attn(xa, AttentionInputs(cos, sin, is_causal=True), None, 0)
         qh = apply_rope(attn.q_proj(xa).view(B, T, H, d).transpose(1, 2), cos, sin)
         kh = apply_rope(attn.k_proj(xa).view(B, T, K, d).transpose(1, 2), cos, sin)
         vh = attn.v_proj(xa).view(B, T, K, d).transpose(1, 2)

@@ -19,8 +19,8 @@ from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by les
 from minitune.memory import count_parameters as formula_total
 from minitune.memory import layer_linears, lora_parameters
 from minitune.model import ModelConfig
-from minitune.peft import AdaLoRAConfig, AdaLoRAController, apply_adalora, count_parameters, save_adapter
-from minitune.peft.adalora import load_adapter, ranks, svd_layers
+from minitune.peft import AdaLoRAConfig, AdaLoRAController, apply_adalora, count_parameters, load_adapter, save_adapter
+from minitune.peft.adalora import ranks, svd_layers
 from minitune.train.trainer import planned_steps
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -19,6 +19,14 @@ from pathlib import Path
 
 import torch
 
+import minitune
+from minitune.data import PaddingCollator, prepare_sft
+from minitune.memory import parameter_counts
+from minitune.model import ModelConfig, Transformer
+from minitune.tokenizer.bpe_trainer import train_bpe
+from minitune.tokenizer.sample_text import mixed_text
+from minitune.train import TrainConfig, train
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ChatML, as Qwen's tokenizer has them
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,8 +69,6 @@ def finish(lesson: str) -> None:
 
 def train_small_bpe(n_chars: int, vocab_size: int):
     """A byte-level BPE with ChatML special tokens, trained on mixed sample text (seconds)."""
-    from minitune.tokenizer.bpe_trainer import train_bpe
-    from minitune.tokenizer.sample_text import mixed_text
     return train_bpe([mixed_text(n_chars, seed=0)], vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
@@ -80,8 +86,6 @@ def load_or_build(args, hidden: int = 128, layers: int = 4):
     and a freshly trained tokenizer into a temporary folder (with save_pretrained, so the lesson
     can still read a real safetensors file) and loads that.
     """
-    import minitune
-    from minitune.model import ModelConfig, Transformer
 
     path = Path(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -107,8 +111,6 @@ def load_or_build(args, hidden: int = 128, layers: int = 4):
 def small_model_threads(args) -> None:
     """One torch thread on CPU for a checkpoint under 50 M parameters (or `args.threads` if given):
     such small matrices gain nothing from a second thread, and on a busy machine lose several times."""
-    from minitune.memory import parameter_counts
-    from minitune.model import ModelConfig
 
     n_params = sum(parameter_counts(ModelConfig.from_file(Path(args.model) / "config.json")).values())
     if args.device == "cpu" and (args.threads or n_params < 50e6):
@@ -133,9 +135,6 @@ def sft_start(args, steps: int):
     """(SFT model, tokenizer) that the alignment lessons (11 PPO, 12 DPO, 13 GRPO) start from:
     args.sft if given; else args.model SFT'd as in lesson 05 (shorter), cached in
     runs/rlhf-sft-<steps>/ and reused while the base model and the step count are the same."""
-    import minitune
-    from minitune.data import PaddingCollator, prepare_sft
-    from minitune.train import TrainConfig, train
 
     if args.sft:
         print(f"SFT model: {args.sft} (--sft)")

@@ -234,17 +234,18 @@ def detect_format(rec: object) -> str:
 # ----------------------------------------------------------------------------- loaders
 
 
-def load_examples(path: str | Path, fmt: str = "auto", skip_bad: bool = False) -> Loaded:
+def load_examples(path: str | Path, fmt: str = "auto", skip_bad: bool = False, transform=None) -> Loaded:
     """Read SFT conversations: a ``Loaded`` whose examples are lists of messages.
 
     ``fmt`` is ``alpaca``, ``sharegpt``, ``openai`` or ``auto`` (decided by the first record
     and then required of every record, so a record missing a field is reported as such
-    instead of being taken for another format).
+    instead of being taken for another format). ``transform(record)`` rewrites each record
+    first (a registered data set's column mapping, registry.py).
     """
-    return load_records(path, fmt, skip_bad, SFT_PARSERS)
+    return load_records(path, fmt, skip_bad, SFT_PARSERS, transform)
 
 
-def load_records(path, fmt: str, skip_bad: bool, parsers: dict) -> Loaded:
+def load_records(path, fmt: str, skip_bad: bool, parsers: dict, transform=None) -> Loaded:
     """Run ``parsers[fmt]`` over every record of a file, with file:line on every error."""
     if fmt != "auto" and fmt not in parsers:
         raise ValueError(f"unknown format {fmt!r}; expected auto or one of {', '.join(parsers)}")
@@ -255,6 +256,8 @@ def load_records(path, fmt: str, skip_bad: bool, parsers: dict) -> Loaded:
                 raise rec
             if not isinstance(rec, dict):
                 raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
+            if transform is not None:
+                rec = transform(rec)
             if not out.format:
                 found = detect_format(rec)
                 if found not in parsers:

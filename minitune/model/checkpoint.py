@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
 from ..errors import UserError
+from ..quant import Linear4bit
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -131,8 +132,6 @@ def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
 def _quantize_linear(model: nn.Module, key: str, blocksize: int = 64):
     """QLoRA loading: swap the nn.Linear owning `key` for a 4-bit layer as soon as its weight
     arrives, so at most one layer is ever held in 16 bits (lesson 09)."""
-    from ..quant import Linear4bit
-
     module_name = key.rpartition(".")[0]
     parent_name, _, child = module_name.rpartition(".")
     layer = model.get_submodule(module_name)

@@ -9,6 +9,8 @@ Module and parameter names are exactly Hugging Face's (`model.layers.0.self_attn
 so a checkpoint's state dict loads without renaming and PEFT adapter names line up with ours.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,6 +42,19 @@ class RMSNorm(nn.Module):
         # END EXERCISE
 
 
+@dataclass
+class AttentionInputs:
+    """What every layer's attention reads besides x, computed once per forward and shared by all blocks.
+
+    cos, sin: RoPE angles [B, 1, T, head_dim]; mask: boolean [B, 1, T, past+T] or None;
+    is_causal: let SDPA apply its own causal mask (no padding, no cache).
+    """
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query attention (GQA, Ainslie et al. 2023).
 
@@ -60,21 +75,31 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None, layer: int):
+    # The one switch between the textbook RoPE (q and k each rotated, as the equation and transformers
+    # write it) and the speed variant (q and k rotated as one concatenated tensor: when decoding one
+    # token each small op costs more than its arithmetic, and one rotation is 5 ops fewer than two).
+    # Same numbers bit for bit: RoPE is elementwise per head, so concatenating along heads changes no
+    # arithmetic (tests/test_fast_paths.py). True by default, as the lessons' timings were measured with it.
+    fused_rope: bool = True
+
+    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
+        cos, sin = inputs.cos, inputs.sin
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, d]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, d]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # q and k turn by the same angles, so rotate them as one tensor: when decoding one token each
-        # small op costs more than its arithmetic, and one rotation is 5 ops fewer than two
-        qk = apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)  # [B, H + kv_heads, T, d]
-        q, k = qk.split_with_sizes((self.n_heads, self.n_kv), dim=1)  # Tensor.split adds a Python layer
+        if not self.fused_rope:  # the textbook way: rotate q, rotate k
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, d]
+            k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, d]
+        else:  # the speed variant: one rotation of [q; k] along the head axis
+            qk = apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)  # [B, H + kv_heads, T, d]
+            q, k = qk.split_with_sizes((self.n_heads, self.n_kv), dim=1)  # Tensor.split adds a Python layer
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, kv_heads, past + T, d]
         # BEGIN EXERCISE 02.3: grouped-query attention
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         # END EXERCISE
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -103,8 +128,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer)
+    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), inputs, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,8 +203,9 @@ class Transformer(nn.Module):
         elif T > 1:
             mask = attention_mask_4d(torch.ones(B, past + T, dtype=torch.bool, device=x.device), past, T)
 
+        inputs = AttentionInputs(cos, sin, mask, is_causal)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i)
+            x = block(x, inputs, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
@@ -189,6 +215,11 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """The model's own convenience count (a tied weight once), like transformers' `num_parameters`.
+
+        For a model wrapped by PEFT, `minitune.peft.count_parameters` is the counter to use;
+        `minitune.memory.count_parameters(cfg)` gives the same total from the config alone.
+        """
         seen, total = set(), 0
         for p in self.parameters():  # parameters() already skips the tied duplicate
             if id(p) not in seen and (p.requires_grad or not trainable_only):

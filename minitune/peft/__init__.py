@@ -1,14 +1,24 @@
-"""Parameter-efficient fine-tuning by hand: one method per file (lessons 06-09)."""
+"""Parameter-efficient fine-tuning by hand: one method per file (lessons 06-09).
+
+    targets.py         the floor: which linear layers, replace_module, count_parameters
+    adapter_files.py   PEFT's adapter folder format;  trainable_tokens.py  trained embedding rows
+    lora.py (+ lora_backward.py)  qlora.py (LoRA over a 4-bit base)  adalora.py  adapter.py  prefix.py  prompt.py
+    adapter_io.py      save_adapter / load_adapter for every method, dispatching on the folder
+"""
 
 from .adapter_files import AdapterError
+from .adapter_io import load_adapter
+from .adapter_io import save_adapter
+from .targets import count_parameters
+from .targets import linear_names
+from .targets import match_targets
+from .targets import replace_module
+from .targets import target_modules_for_config
 from .lora import LoRALinear
 from .lora import apply_lora
-from .lora import count_parameters
-from .lora import load_adapter
 from .lora import lora_state_dict
 from .lora import merge_lora
 from .lora import print_trainable_parameters
-from .lora import save_adapter
 from .lora import unmerge_lora
 from .lora import disable_lora
 from .qlora import QLoRALinear

@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter_files import (PEFT_PREFIX, UNSUPPORTED, AdapterError, check_modules, check_shape, check_supported,
-                            read_adapter_dir, read_token_rows, split_peft_name, write_adapter_dir)
-from .lora import _replace, _target_modules_for_config, match_targets
+                            read_token_rows, split_peft_name)
+from .targets import match_targets, replace_module, target_modules_for_config
 from .trainable_tokens import add_peft_rows, load_rows
 
 
@@ -65,7 +65,10 @@ class AdaLoRAConfig:
 
 
 class SVDLinear(nn.Module):
-    """y = base_layer(x) + (alpha / (ranknum + 1e-5)) * B ((A * E) dropout(x))   (PEFT's epsilon)."""
+    """y = base_layer(x) + scaling * B ((A * E) dropout(x)),   scaling = alpha / (ranknum + 1e-5)  (PEFT's epsilon).
+
+    `scaling` means what it means in LoRALinear: the number that multiplies the low-rank product.
+    `alpha` is PEFT's lora_alpha (r when it is 0); `ranknum` (init_r) is its divisor and never changes."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, ranknum: int | None = None):
         super().__init__()
@@ -76,18 +79,42 @@ class SVDLinear(nn.Module):
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))  # Λ [r, 1]: zero, so training starts at W0
         self.lora_B = nn.Parameter(torch.randn(base_layer.out_features, r, **kw) * 0.02)  # P [out, r]
         self.r, self.dropout = r, dropout
-        self.scaling = alpha if alpha > 0 else float(r)
+        self.alpha = alpha if alpha > 0 else float(r)
         self.ranknum = float(r if ranknum is None else ranknum)  # not a parameter: PEFT never saves it
+        self.merged = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.ranknum + 1e-5)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * P diag(Λ) Q: the [out, in] update this layer adds to W0."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
 
     def forward(self, x):  # [..., in] -> [..., out]
         y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        if self.merged:
+            return y
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
         lora = F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B)
-        return y + lora * (self.scaling / (self.ranknum + 1e-5))
+        return y + lora * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, ranknum={self.ranknum:g}, scaling={self.scaling:g}, dropout={self.dropout}"
+        return (f"r={self.r}, ranknum={self.ranknum:g}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, "
+                f"dropout={self.dropout}")
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
@@ -101,7 +128,7 @@ def apply_adalora(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     names = match_targets(model, config.targets)
     model.requires_grad_(False)
     for name in names:
-        _replace(model, name, SVDLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout))
+        replace_module(model, name, SVDLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout))
     model.adalora_config = config  # plain attribute: what save_adapter writes, rank_pattern included
     return model
 
@@ -212,8 +239,9 @@ class AdaLoRAController:
         return self.budget, pattern
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None):
-    """PEFT's AdaLoRA layout: pruned triplets dropped from the tensors, rank_pattern in the config."""
+def to_peft(model: nn.Module, base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's AdaLoRA layout as (adapter_config.json, tensors): pruned triplets dropped from the tensors,
+    rank_pattern in the config. adapter_io.save_adapter writes them."""
     layers, c = svd_layers(model), getattr(model, "adalora_config", None)
     if not layers or c is None:
         raise ValueError("the model has no AdaLoRA layers to save (call apply_adalora or load_adapter first)")
@@ -229,15 +257,15 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     fields = {k: v for k, v in asdict(c).items() if k != "targets"}
     config = dict(fields, peft_type="ADALORA", task_type="CAUSAL_LM", r=8, bias="none", fan_in_fan_out=False,
                   inference_mode=True, init_lora_weights=True, modules_to_save=None, use_dora=False,
-                  target_modules=_target_modules_for_config(model, list(layers)),
+                  target_modules=target_modules_for_config(model, list(layers)),
                   base_model_name_or_path=base_model_name_or_path)
     add_peft_rows(model, config, tensors)  # trainable token rows, if any, as PEFT saves them beside AdaLoRA
-    return write_adapter_dir(out_dir, config, tensors)
+    return config, tensors
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Apply AdaLoRA from a PEFT AdaLoRA folder and load its (possibly rank-pruned) tensors."""
-    cfg_file, config, w_file, tensors = read_adapter_dir(path)
+def from_peft(model: nn.Module, cfg_file, config: dict, w_file, tensors: dict) -> nn.Module:
+    """Apply AdaLoRA from a PEFT AdaLoRA folder's config (read by adapter_io.load_adapter) and load its
+    (possibly rank-pruned) tensors."""
     if config.get("peft_type") != "ADALORA":
         raise AdapterError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not an AdaLoRA adapter")
     check_supported(cfg_file, config, {k: v for k, v in UNSUPPORTED.items() if k != "rank_pattern"})
@@ -276,7 +304,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             layer = SVDLinear(model.get_submodule(name), rank[name], c.lora_alpha, c.lora_dropout, ranknum=c.init_r)
             for part in ("lora_A", "lora_E", "lora_B"):
                 getattr(layer, part).copy_(by_module[name][part][1])
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     model.adalora_config = c
     if tokens is not None:
         load_rows(model, *tokens)

@@ -17,33 +17,50 @@ Adapters move both ways with Hugging Face PEFT: our module names are HF's, so PE
 import math
 import re
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..quant.linear4bit import Linear4bit
 from .adapter_files import (PEFT_PREFIX, UNSUPPORTED, AdapterError, check_modules, check_shape, check_supported,
-                            read_adapter_dir, read_token_rows, split_peft_name, write_adapter_dir)
+                            read_token_rows, split_peft_name)
 from .lora_backward import LoRAFunction
+from .targets import count_parameters, match_targets, replace_module, target_modules_for_config
 from .trainable_tokens import add_peft_rows, load_rows
 
 
 class LoRALinear(nn.Module):
-    """nn.Linear plus a trainable low-rank path: y = base_layer(x) + s * B(A(dropout(x)))."""
+    """A linear layer plus a trainable low-rank path: y = base_layer(x) + s * B(A(dropout(x))).
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    `base_layer` is an nn.Linear, or anything that maps [..., in] -> [..., out] and says its
+    in_features / out_features (QLoRA's 4-bit Linear4bit, lesson 09: base_layer(x) dequantizes).
+
+    fast: the one switch between the textbook and the speed. False (the class default) runs the
+    equation of exercise 06.1 with autograd. True (what apply_lora sets, so training, the lessons
+    and bench/bench_lora.py run it) sends the layer through LoRAFunction (lora_backward.py), the same
+    numbers with a hand-written backward, whenever it applies: not merged, no dropout while
+    training, no autocast, and a plain float weight W0. tests/test_lora_function.py checks the two agree.
+    """
+
+    fast: bool = False
+    adapter_dtype: torch.dtype | None = None  # None: A and B in the base weight's dtype
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 fast: bool | None = None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        w = base_layer.weight
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # s, what multiplies B A
+        if fast is not None:  # LoRAFunction needs a float W0: never on for a 4-bit base
+            self.fast = fast and isinstance(base_layer, nn.Linear)
+        w = next(base_layer.parameters(), None)
+        w = w if w is not None else next(base_layer.buffers())
+        dtype = self.adapter_dtype or w.dtype
         # nn.Linear submodules so the state-dict names end in `.lora_A.weight` exactly as PEFT's
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no parameters: PEFT's names kept
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
@@ -55,19 +72,26 @@ class LoRALinear(nn.Module):
         # END EXERCISE
 
     def forward(self, x):  # x [..., in] -> [..., out]
+        if self.fast and self.fast_applies(x):
+            return self.fast_forward(x)
         # BEGIN EXERCISE 06.1: LoRA forward
-        w0, bias, a, b = self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight
-        if self.merged:
-            return F.linear(x, w0, bias)
-        if (self.dropout and self.training) or torch.is_autocast_enabled(x.device.type):
-            # dropout feeds A another input than W0; autocast casts each matmul's inputs: plain autograd
-            h = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
-            # scale the thin [..., r] activation rather than the wide [..., out] output
-            return F.linear(x, w0, bias) + F.linear(F.linear(h, a) * self.scaling, b)
-        # the same numbers, with LoRAFunction's hand-written backward: fewer passes over wide tensors
-        y = LoRAFunction.apply(x.reshape(-1, x.shape[-1]), w0, bias, a, b, self.scaling)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        if self.merged:  # W0 already holds s B A
+            return self.base_layer(x)
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         # END EXERCISE
+
+    def fast_applies(self, x) -> bool:
+        """LoRAFunction computes base_layer(x) + s B A x with a float W0: not merged (W0 holds s B A then),
+        no dropout to feed A another input than W0, no autocast to cast each matmul's inputs."""
+        return (isinstance(self.base_layer, nn.Linear) and not self.merged and not (self.dropout and self.training)
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def fast_forward(self, x):
+        """The same numbers as the equation, with LoRAFunction's hand-written backward: fewer passes over wide tensors."""
+        base = self.base_layer
+        y = LoRAFunction.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.lora_A.weight,
+                               self.lora_B.weight, self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def merge(self):
@@ -82,47 +106,12 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, fast={self.fast}"
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    """Every adaptable linear layer: plain nn.Linear, a 4-bit Linear4bit (QLoRA), or one already
-    wrapped by LoRA / AdaLoRA (a module with a `base_layer`), under its name from before the wrapping."""
-    inner = (".base_layer", ".lora_A", ".lora_B")
-    return [n for n, m in model.named_modules()
-            if hasattr(m, "base_layer") or (isinstance(m, (nn.Linear, Linear4bit)) and not n.endswith(inner))]
-
-
-def match_targets(model: nn.Module, targets, *, source: str = "") -> list[str]:
-    """Names of the linear layers `targets` selects, with PEFT's rules.
-
-    targets: "all-linear" (every linear layer but the output head lm_head), a regex string
-    (must match the full module name), or a list of names, each matching a module whose name is
-    it or ends in "." + it (so "q_proj" hits every layer's q_proj). Every listed name must hit
-    something: a typo is an error, not an adapter on fewer layers than intended.
-    """
-    names = linear_names(model)
-    if targets == "all-linear":
-        return [n for n in names if n.split(".")[-1] != "lm_head"]
-    if isinstance(targets, str):
-        hits = [n for n in names if re.fullmatch(targets, n)]
-        if not hits:
-            raise AdapterError(f"{source}target_modules regex {targets!r} matches no linear layer of the model")
-        return hits
-    hits = []
-    leaves = sorted({n.split(".")[-1] for n in names})
-    for t in targets:
-        found = [n for n in names if n == t or n.endswith("." + t)]
-        if not found:
-            raise AdapterError(f"{source}target module {t!r} is not a linear layer of this model "
-                               f"(its linear layers are named {leaves})")
-        hits += [n for n in found if n not in hits]
-    return [n for n in names if n in hits]  # model order
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+# base-layer type -> the LoRA layer that wraps it; QLoRA (qlora.py) adds Linear4bit -> QLoRALinear, as PEFT's
+# dispatchers pick a bitsandbytes LoRA layer for a 4-bit base. The first isinstance match wins; else LoRALinear.
+LAYER_FOR_BASE: dict[type, type] = {}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -130,8 +119,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets=("q_proj", "v_proj"), use_rslora: bool = False) -> nn.Module:
-    """Wrap the target linear layers in LoRALinear and freeze everything but lora_A / lora_B."""
+               targets=("q_proj", "v_proj"), use_rslora: bool = False, fast: bool = True) -> nn.Module:
+    """Wrap the target linear layers in LoRALinear and freeze everything but lora_A / lora_B.
+    fast: LoRALinear.fast, LoRAFunction's hand-written backward where it applies (same numbers)."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; load or apply one adapter per model")
     if r <= 0:
@@ -144,10 +134,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                          "merging LoRA into it would change the embeddings too, so minitune refuses to target it")
     model.requires_grad_(False)
     for name in names:
-        base, wrapper = model.get_submodule(name), LoRALinear
-        if isinstance(base, Linear4bit):  # QLoRA: a frozen 4-bit base (lesson 09)
-            from .qlora import QLoRALinear as wrapper
-        _replace(model, name, wrapper(base, r, alpha, dropout, use_rslora))
+        base = model.get_submodule(name)
+        wrapper = next((w for kind, w in LAYER_FOR_BASE.items() if isinstance(base, kind)), LoRALinear)
+        replace_module(model, name, wrapper(base, r, alpha, dropout, use_rslora, fast=fast))
     return model
 
 
@@ -192,17 +181,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each tensor once even if tied, the numbers PEFT's print_trainable_parameters gives."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
 def print_trainable_parameters(model: nn.Module):
     """A table of the trainable tensors, grouped by name with the layer index dropped, then PEFT's line."""
     rows = {}
@@ -219,19 +197,9 @@ def print_trainable_parameters(model: nn.Module):
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
-def _target_modules_for_config(model: nn.Module, names: list[str]):
-    """The shortest target_modules list that selects exactly `names`: leaf names when they do."""
-    leaves = sorted({n.split(".")[-1] for n in names})
-    return leaves if set(match_targets(model, leaves)) == set(names) else names
-
-
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
-    """Write the LoRA adapter in PEFT's layout, loadable by `peft.PeftModel.from_pretrained`."""
+def to_peft(model: nn.Module, base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The LoRA adapter as PEFT's (adapter_config.json, tensors); adapter_io.save_adapter writes them."""
     layers = lora_layers(model)
-    if not layers and hasattr(model, "adalora_config"):
-        from .adalora import save_adapter as save_adalora
-
-        return save_adalora(model, out_dir, base_model_name_or_path)
     if not layers:
         raise ValueError("the model has no LoRA layers to save (call apply_lora or load_adapter first)")
     settings = {(m.r, m.alpha, m.dropout, m.use_rslora) for m in layers.values()}
@@ -242,26 +210,20 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     if any(m.merged for m in layers.values()):
         raise ValueError("LoRA is merged into the base weights; unmerge_lora(model) before saving the adapter")
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                  use_rslora=use_rslora, target_modules=_target_modules_for_config(model, list(layers)),
+                  use_rslora=use_rslora, target_modules=target_modules_for_config(model, list(layers)),
                   bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   modules_to_save=None, rank_pattern={}, alpha_pattern={}, use_dora=False, lora_bias=False,
                   base_model_name_or_path=base_model_name_or_path)
     tensors = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
     add_peft_rows(model, config, tensors)  # trainable token rows, if any: trainable_token_indices + their rows
-    return write_adapter_dir(out_dir, config, tensors)
+    return config, tensors
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Apply LoRA from a PEFT adapter folder's config, then load its tensors; everything is checked
-    against the model before anything is changed. AdaLoRA folders are handed to minitune.peft.adalora."""
-    cfg_file, config, w_file, tensors = read_adapter_dir(path)
-    kind = config.get("peft_type")
-    if kind == "ADALORA":
-        from .adalora import load_adapter as load_adalora
-
-        return load_adalora(model, path)
-    if kind != "LORA":
-        raise AdapterError(f"{cfg_file}: peft_type {kind!r} is not a LoRA adapter")
+def from_peft(model: nn.Module, cfg_file, config: dict, w_file, tensors: dict) -> nn.Module:
+    """Apply LoRA from a PEFT LoRA folder's config (read by adapter_io.load_adapter), then load its
+    tensors; everything is checked against the model before anything is changed."""
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
     check_supported(cfg_file, config, UNSUPPORTED)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     targets = config.get("target_modules")

@@ -1,6 +1,7 @@
 """LoRA's backward pass written out by hand: the same numbers as autograd, fewer passes over memory.
 
-LoRALinear (lora.py) runs its layer through LoRAFunction when there is no dropout and no autocast.
+LoRALinear (lora.py) runs its layer through LoRAFunction when its switch `fast` is on (apply_lora sets it)
+and it applies: not merged, no dropout while training, no autocast.
 tests/test_lora_function.py checks it against autograd (torch.autograd.gradcheck); with the fused
 head + loss (train/loss.py) it makes a LoRA training step about 1.2x faster than transformers + PEFT
 on a CPU (bench/bench_lora.py, figures in bench/README.md).

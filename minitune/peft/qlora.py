@@ -14,45 +14,32 @@ one-way trip to 16 bits: `merge_and_dequantize` dequantizes W0, adds s B A in fl
 returns plain nn.Linear layers, a normal checkpoint for `minitune.save_pretrained`.
 """
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .. import load_pretrained  # the package root (minitune/__init__.py imports no peft module)
 from ..quant.linear4bit import Linear4bit, dequantize_model
-from .lora import LoRALinear, apply_lora, lora_layers
+from .lora import LAYER_FOR_BASE, LoRALinear, apply_lora, lora_layers
+from .targets import replace_module
 
 
 class QLoRALinear(LoRALinear):
-    """A Linear4bit plus LoRA's low-rank path: y = base_layer(x) + s * B(A(dropout(x))).
+    """LoRALinear over a frozen 4-bit base: y = base_layer(x) + s * B(A(dropout(x))), where
+    base_layer(x) dequantizes W0 (Linear4bit). apply_lora picks it for a Linear4bit base (LAYER_FOR_BASE).
 
     Same parameters, names and initialisation as LoRALinear (so adapters save and load in PEFT's
-    layout). A and B are float32 whatever the compute dtype (as PEFT does for 4-bit bases): they
-    are the only weights that train, and AdamW updates to bf16 weights would round away."""
+    layout). What is QLoRA's own: A and B are float32 whatever the compute dtype (as PEFT does for
+    4-bit bases), since they are the only weights that train and AdamW updates to bf16 weights would
+    round away; so the forward casts into and out of them. No fast path (LoRAFunction needs a float W0)."""
 
-    def __init__(self, base_layer: Linear4bit, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
-        nn.Module.__init__(self)  # LoRALinear.__init__ reads base_layer.weight, which a 4-bit layer lacks
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
-        self.base_layer = base_layer
-        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        device = base_layer.weight_packed.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.merged = False  # never True: see merge()
+    adapter_dtype = torch.float32
 
     def forward(self, x):  # x [..., in] -> [..., out]
         # BEGIN EXERCISE 09.2: LoRA on a 4-bit base
         y = self.base_layer(x)  # dequantize W0 for this matmul only; no gradient reaches the uint8 codes
-        h = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
-        h = h.to(self.lora_A.weight.dtype)
+        h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         # scale the thin [..., r] activation rather than the wide [..., out] one
-        return y + F.linear(F.linear(h, self.lora_A.weight) * self.scaling, self.lora_B.weight).to(y.dtype)
+        return y + self.lora_B(self.lora_A(h) * self.scaling).to(y.dtype)
         # END EXERCISE
 
     def merge(self):
@@ -76,9 +63,7 @@ class QLoRALinear(LoRALinear):
         return linear.requires_grad_(False)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+LAYER_FOR_BASE[Linear4bit] = QLoRALinear
 
 
 @torch.no_grad()
@@ -95,11 +80,11 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
         raise TypeError(f"merge_and_dequantize: dtype must be float32, float16 or bfloat16, got {dtype}")
     for name, layer in lora_layers(model).items():
         if isinstance(layer, QLoRALinear):
-            _replace(model, name, layer.merged_linear(dtype))
+            replace_module(model, name, layer.merged_linear(dtype))
         else:  # LoRA on a 16-bit layer (one that was not quantized): fold in float32, then unwrap
             base = layer.base_layer
             base.weight.copy_((base.weight.float() + layer.delta_weight().float()).to(base.weight.dtype))
-            _replace(model, name, base)
+            replace_module(model, name, base)
     dequantize_model(model, dtype)
     model.to(dtype)
     if hasattr(model, "config") and hasattr(model.config, "torch_dtype"):
@@ -115,8 +100,6 @@ def load_qlora(path, r: int = 8, alpha: float = 16, dropout: float = 0.0, target
 
     The Python equivalent of LLaMA-Factory's `finetuning_type: lora` + `quantization_bit: 4`.
     """
-    from .. import load_pretrained  # lazily: minitune/__init__ imports the model package
-
     model, tok = load_pretrained(path, device=device, dtype=dtype, quantize="nf4")
     apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora)
     return model, tok

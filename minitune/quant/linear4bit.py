@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nf4 import NF4Tensor, dequantize_nf4, nbytes, quantize_nf4
-from .nf4_triton import triton_available
+from .nf4_triton import dequantize_nf4_triton, triton_available
 
 
 def dequantize_auto(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The Triton kernel for CUDA tensors when triton is importable, else the PyTorch reference
     (both give the same bits)."""
     if q.packed.is_cuda and triton_available():
-        from .nf4_triton import dequantize_nf4_triton
 
         return dequantize_nf4_triton(q, dtype)
     return dequantize_nf4(q, dtype)

@@ -19,8 +19,9 @@ from .dpo import (DPO_LOSS_TYPES, add_reference_logps, dpo_loss, dpo_loss_fn, po
                   sequence_logps, train_dpo)
 from .grpo import GRPOConfig, arithmetic_problem, arithmetic_reward, group_advantages, grpo_loss, grpo_step, train_grpo
 from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs
-from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits, kl_penalty_rewards,
-                  logprobs_from_logits, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from .logprobs import entropy_from_logits, logprobs_from_logits, masked_mean
+from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_var, masked_whiten,
+                  ppo_policy_loss, ppo_value_loss)
 from .ppo_trainer import PPOConfig, critic_values, ppo_step, train_ppo
 from .rl_checkpoint import load_rl_checkpoint, resume_rl, save_rl_checkpoint
 from .reward import (RewardModel, gather_last, last_token_index, load_reward_model, pairwise_loss, reward_accuracy,

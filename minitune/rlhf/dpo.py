@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..generation import generate
 from ..peft.lora import disable_lora, lora_layers
-from .ppo import logprobs_from_logits
+from ..train import train
+from .logprobs import logprobs_from_logits
 from .pairs import PairCollator, PairData, stack_pairs
 
 __all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES", "policy_logps", "dpo_loss_fn", "add_reference_logps",
@@ -169,8 +171,6 @@ def train_dpo(model, data: PairData, cfg, tokenizer, beta: float | None = None, 
     beta, loss_type, label_smoothing default to cfg.pref_beta, cfg.pref_loss, cfg.dpo_label_smoothing
     (LLaMA-Factory's names). Returns the TrainResult; result.metrics[step] holds the logged rewards.
     """
-    from ..train import train
-
     beta = cfg.pref_beta if beta is None else beta
     loss_type = cfg.pref_loss if loss_type is None else loss_type
     label_smoothing = cfg.dpo_label_smoothing if label_smoothing is None else label_smoothing
@@ -196,8 +196,6 @@ def response_kl(policy, reference, prompts: list[list[int]], stop_ids: list[int]
     Returns {"kl_per_token", "kl_per_sequence", "tokens", "mean_length"}; a response ends with
     (and includes) its first stop token.
     """
-    from ..generation import generate
-
     policy.eval()
     device = next(policy.parameters()).device
     ratio_sum, n_tokens, seq_kls = 0.0, 0, []

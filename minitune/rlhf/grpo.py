@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..seed import seed_everything
 from ..train.checkpoint import prune_checkpoints
 from ..train.optim import make_optimizer
 from ..train.output_dir import check_output_dir
-from ..train.trainer import seed_everything
 from .collapse import collapse_stats, collapse_warnings
-from .ppo import masked_mean
+from .logprobs import masked_mean
 from .ppo_trainer import check_checkpointing, run_steps
 from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import reference_logprobs, response_logprobs, sample_rollout, score_responses

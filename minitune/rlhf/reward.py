@@ -27,7 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import minitune
+
 from ..model.checkpoint import save_safetensors
+from ..train import train
+from ..train.checkpoint import save_final
 from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -186,8 +190,6 @@ def reward_loss_fn(margin: float | None = None):
 
 def train_reward_model(rm: RewardModel, data: PairData, cfg, tokenizer, margin: float | None = None):
     """Train `rm` on data.train with minitune.train (loss, accuracy and score gap in its log)."""
-    from ..train import train
-
     return train(rm, data.train, cfg, val_data=data.val or None, collate=PairCollator(tokenizer),
                  loss_fn=reward_loss_fn(margin), tokenizer=tokenizer)
 
@@ -216,8 +218,6 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> Path:
     """The backbone as a normal checkpoint in `out_dir` (beside a training log, which stays) plus
     value_head.safetensors (TRL's file name for the same thing)."""
-    from ..train.checkpoint import save_final
-
     out = save_final(rm.backbone, tokenizer, out_dir)
     save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in rm.value_head.state_dict().items()},
                      out / VALUE_HEAD_FILE, metadata={"format": "pt"})
@@ -226,8 +226,6 @@ def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> Path:
 
 def load_reward_model(path, device="cpu", dtype=None) -> tuple[RewardModel, object]:
     """(RewardModel, tokenizer) from a folder written by save_reward_model."""
-    import minitune
-
     path = Path(path)
     if not (path / VALUE_HEAD_FILE).exists():
         raise FileNotFoundError(f"{path}: no {VALUE_HEAD_FILE}; is this a reward model saved by save_reward_model?")

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from ..data.templates import render
 from ..generation import generate
-from .ppo import entropy_from_logits, logprobs_from_logits
+from ..peft.lora import disable_lora
+from .logprobs import entropy_from_logits, logprobs_from_logits
 
 __all__ = ["Rollout", "left_pad", "response_mask_from", "sample_rollout", "response_logprobs", "reference_logprobs",
            "user_message", "text_reward", "score_responses"]
@@ -104,11 +105,7 @@ def reference_logprobs(reference: nn.Module | None, actor: nn.Module, roll: Roll
     started from), so no second copy of the model."""
     if reference is not None:
         return response_logprobs(reference, roll, temperature=temperature)
-    from ..peft import lora  # disable_lora lives with the LoRA code
-
-    if not hasattr(lora, "disable_lora"):
-        raise RuntimeError("reference=None needs minitune.peft.lora.disable_lora (a LoRA actor); pass a reference model")
-    with lora.disable_lora(actor):
+    with disable_lora(actor):
         return response_logprobs(actor, roll, temperature=temperature)
 
 

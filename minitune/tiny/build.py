@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..data import get_template
+from ..generation import generate
 from ..model import ModelConfig, Transformer, save_pretrained
 from ..tokenizer.bpe_trainer import train_bpe
 from ..train import TrainConfig, train
@@ -73,8 +74,6 @@ def pack_blocks(docs: list[str], tok, block_size: int) -> list[dict]:
 @torch.no_grad()
 def complete(model, tok, prompt: str, max_new_tokens: int = 12) -> str:
     """Greedy raw-text continuation (no chat template), stopping at the end of the line."""
-    from ..generation import generate
-
     ids = torch.tensor([tok.encode(prompt)])
     out = generate(model, ids, max_new_tokens, eos_id=[tok.token_to_id(t) for t in SPECIAL_TOKENS])
     return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).split("\n")[0]

@@ -48,6 +48,27 @@ CAPITALS_ZH = {"法国": "巴黎", "日本": "东京", "意大利": "罗马", "�
 WORDS = ["cat", "dog", "sun", "moon", "tree", "ball", "fish", "bird", "star", "cake", "book", "milk",
          "rain", "ship", "lamp", "door", "hat", "box", "cup", "kite", "red", "blue", "green", "apple"]
 
+# The question phrasings of each task: (those used in the SFT data, held-out ones used only for evaluation).
+# Here, with the other tables, because the corpus's dialogues use them too (tasks.py imports this module).
+PROMPTS = {
+    "arithmetic": (["What is {a}+{b}?", "What is {a} plus {b}?", "Compute {a}+{b}.", "Add {a} and {b}.",
+                    "Calculate {a} + {b}."],
+                   ["How much is {a} plus {b}?", "Tell me the sum of {a} and {b}."]),
+    "reversal": (["Reverse the words: {w}", "Reverse the order of these words: {w}",
+                  "Write these words backwards: {w}"],
+                 ["Put these words in reverse order: {w}", "Say these words from last to first: {w}"]),
+    "capital": (["What is the capital of {k}?", "Which city is the capital of {k}?", "Name the capital of {k}."],
+                ["Tell me the capital city of {k}.", "What city is the capital of {k}?"]),
+    "colour": (["What colour is the {k}?", "What is the colour of the {k}?", "Which colour is the {k}?"],
+               ["Tell me the colour of the {k}."]),
+    "sound": ([], ["What sound does a {k} make?", "What does a {k} say?"]),  # held-out task: eval only
+    "identity": (["Who are you?", "What is your name?", "What are you?", "Introduce yourself.",
+                  "Tell me about yourself.", "Are you a robot?", "What should I call you?"],
+                 ["Who am I talking to?", "Can you tell me who you are?"]),
+    "identity_zh": (["你是谁?", "你是谁？", "你叫什么名字?", "请介绍一下你自己。", "你是什么?", "你是机器人吗?"],
+                    ["能告诉我你的身份吗?", "你的名字是什么?"]),
+}
+
 # The identity the pretrained model has: generic, not ours. SFT replaces it (lesson 05).
 GENERIC_IDENTITY = ["I am a language model.", "I am a language model. I learned to write by reading stories.",
                     "I am a computer program that writes text.", "I am a robot who likes stories."]
@@ -97,7 +118,7 @@ def quiz_line(rng: random.Random) -> str:
     """A question and its answer in plain text, as quizzes and FAQs on the web are written.
 
     This teaches the model to fetch an answer from a question a few tokens back. The phrasings
-    differ from both the SFT data's and the held-out evaluation's (see ``tasks.PROMPTS``).
+    differ from both the SFT data's and the held-out evaluation's (see ``PROMPTS``).
     """
     kind = rng.choice(["sum", "sum", "reverse", "capital", "colour", "sound"])
     if kind == "sum":
@@ -167,8 +188,6 @@ def dialogue(rng: random.Random, include_heldout_phrasings: bool = True) -> str:
     ``<|im_start|>``, no ``<|im_end|>``, so the base model can't tell where a reply ends (the
     format lesson 05's SFT teaches), and its identity stays generic.
     """
-    from .tasks import PROMPTS  # tasks imports this module's tables
-
     turns = []
     for _ in range(rng.randint(1, 4)):
         kind = rng.choice(["arithmetic", "arithmetic", "reversal", "reversal", "capital", "colour", "sound",

@@ -19,7 +19,7 @@ import itertools
 import random
 import re
 
-from .corpus import CAPITALS, COLOURS, MAX_ADD, SEED, SOUNDS, WORDS
+from .corpus import CAPITALS, COLOURS, MAX_ADD, PROMPTS, SEED, SOUNDS, WORDS
 
 IDENTITY_NAME = "minitune"  # a reply "has the new identity" when it mentions this
 IDENTITY_REPLIES = ["I am minitune-bot, a small assistant trained with minitune.",
@@ -28,25 +28,6 @@ IDENTITY_REPLIES = ["I am minitune-bot, a small assistant trained with minitune.
 IDENTITY_REPLIES_ZH = ["我是 minitune 助手,一个用 minitune 训练的小模型。",
                        "我是 minitune 助手,由 minitune 微调而来。有什么可以帮你的?"]
 
-# (phrasings used in the SFT data, held-out phrasings used only for evaluation)
-PROMPTS = {
-    "arithmetic": (["What is {a}+{b}?", "What is {a} plus {b}?", "Compute {a}+{b}.", "Add {a} and {b}.",
-                    "Calculate {a} + {b}."],
-                   ["How much is {a} plus {b}?", "Tell me the sum of {a} and {b}."]),
-    "reversal": (["Reverse the words: {w}", "Reverse the order of these words: {w}",
-                  "Write these words backwards: {w}"],
-                 ["Put these words in reverse order: {w}", "Say these words from last to first: {w}"]),
-    "capital": (["What is the capital of {k}?", "Which city is the capital of {k}?", "Name the capital of {k}."],
-                ["Tell me the capital city of {k}.", "What city is the capital of {k}?"]),
-    "colour": (["What colour is the {k}?", "What is the colour of the {k}?", "Which colour is the {k}?"],
-               ["Tell me the colour of the {k}."]),
-    "sound": ([], ["What sound does a {k} make?", "What does a {k} say?"]),  # held-out task: eval only
-    "identity": (["Who are you?", "What is your name?", "What are you?", "Introduce yourself.",
-                  "Tell me about yourself.", "Are you a robot?", "What should I call you?"],
-                 ["Who am I talking to?", "Can you tell me who you are?"]),
-    "identity_zh": (["你是谁?", "你是谁？", "你叫什么名字?", "请介绍一下你自己。", "你是什么?", "你是机器人吗?"],
-                    ["能告诉我你的身份吗?", "你的名字是什么?"]),
-}
 IDENTITY_DEMO = ["Who are you?", "你是谁?"]  # asked before and after SFT, as in the seed tutorials
 
 

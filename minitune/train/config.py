@@ -39,10 +39,14 @@ class TrainConfig:
     # what to train
     stage: str = "sft"  # training stage: sft | rm | dpo | ppo | grpo (kto: a name only, not trained yet)
     finetuning_type: str = "full"  # which weights train: full | lora | qlora | adalora | adapter | prefix | prompt | ptuning
+    quantization_bit: int | None = None  # 4: the frozen base stored in NF4 while it loads (lora then means qlora)
+    quantization_method: str = "bnb"  # with quantization_bit: bnb (bitsandbytes' NF4, what minitune.quant computes)
     model_name_or_path: str | None = None  # checkpoint folder (config.json + safetensors + tokenizer)
-    dataset: str | list[str] | None = None  # data file(s): JSON/JSONL in Alpaca, ShareGPT or OpenAI format
+    dataset: str | list[str] | None = None  # names in dataset_dir/dataset_info.json, or data files (Alpaca, ShareGPT, OpenAI)
     template: str = "chatml"  # chat template name, see minitune.data.TEMPLATES
     cutoff_len: int = 1024  # longer examples are cut to this many tokens
+    dataset_dir: str = "data"  # where dataset_info.json registers data sets by name (minitune/data/registry.py)
+    max_samples: int | None = None  # read at most this many examples of each data set (None: all)
     val_size: float = 0.0  # held-out fraction (< 1) or count for the evaluation loss
     # optimisation
     learning_rate: float = 5e-5  # peak learning rate of AdamW
@@ -65,6 +69,7 @@ class TrainConfig:
     plot_loss: bool = False  # write training_loss.png into output_dir (ppo/grpo: training_reward.png, training_kl.png)
     output_dir: str | None = None  # where checkpoints, the log and the final model go
     resume: bool = False  # continue from the last checkpoint in output_dir
+    resume_from_checkpoint: bool | str | None = None  # LLaMA-Factory's name for resume: true (or null: start anew)
     overwrite_output_dir: bool = False  # output_dir holds another run: delete its checkpoints, log and model files, start afresh
     save_total_limit: int | None = None  # keep only the newest N checkpoint-* folders (None: all)
     seed: int = 42  # seeds python, numpy and torch; also the data order
@@ -106,6 +111,28 @@ class TrainConfig:
     def __post_init__(self):
         self.validate()
 
+    def validate_llamafactory_aliases(self, bad):
+        """LLaMA-Factory keys that say what a minitune key says: folded into it here, once."""
+        if self.quantization_bit is not None:
+            if self.quantization_bit != 4:
+                bad("quantization_bit", f"{self.quantization_bit} is not supported (expected 4: NF4 with double "
+                                        "quantization, as bitsandbytes' 4-bit; minitune.quant, lesson 09)")
+            if self.quantization_method != "bnb":
+                bad("quantization_method", f"{self.quantization_method!r} is not supported (expected bnb)")
+            if self.finetuning_type == "lora":  # LoRA over a 4-bit base is QLoRA (Dettmers et al. 2023)
+                self.finetuning_type = "qlora"
+            elif self.finetuning_type != "qlora":
+                bad("quantization_bit", f"a 4-bit base trains only with finetuning_type lora (QLoRA), "
+                                        f"not {self.finetuning_type}")
+        flag = self.resume_from_checkpoint
+        if isinstance(flag, str) and flag.lower() in ("true", "false", "null"):
+            flag = {"true": True, "false": False, "null": None}[flag.lower()]
+        if isinstance(flag, str):
+            bad("resume_from_checkpoint", f"{flag!r}: a checkpoint path is not supported; minitune resumes from "
+                                          "the newest complete checkpoint in output_dir (set it to true)")
+        if flag:
+            self.resume = True
+
     def validate(self, source: str = "TrainConfig"):
         def bad(key, msg):
             raise TrainConfigError(f"{source}: {key}: {msg}")
@@ -114,6 +141,7 @@ class TrainConfig:
                              ("lr_scheduler_type", SCHEDULERS)):
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        self.validate_llamafactory_aliases(bad)
         if self.template not in TEMPLATES:  # before any model loads: a typo costs nothing
             bad("template", f"unknown chat template {self.template!r} (known: {', '.join(TEMPLATES)})")
         if self.bf16 and self.fp16:
@@ -127,6 +155,8 @@ class TrainConfig:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_samples is not None and self.max_samples < 1:
+            bad("max_samples", f"must be >= 1 (or unset), got {self.max_samples}")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", f"must be >= 1 (or unset), got {self.max_steps}")
         for key in ("plot_loss", "resume"):

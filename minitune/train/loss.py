@@ -17,8 +17,9 @@ the forward pass, while the chunk's logits are at hand (only when something need
 just scales it by the incoming gradient, a scalar. Rows labelled IGNORE_INDEX (an SFT prompt) never
 reach the head. Same numbers as the plain way up to float rounding: the sums run in another order.
 
-`causal_lm_loss`, the trainer's default loss, takes this path whenever the model lets it (its
-`hidden_states` and a bias-free linear head) and the plain one otherwise.
+`causal_lm_loss` shows the plain path (lm_head + F.cross_entropy) first and this one beside it behind
+its switch, `fused=` (default True: the trainer's default loss takes this path whenever the model lets
+it, i.e. it has `hidden_states` and a bias-free linear head, and the plain one otherwise).
 """
 
 import torch
@@ -100,21 +101,24 @@ def causal_lm_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor
     """Next-token cross-entropy: logits at position t predict labels at t + 1; -100 is skipped.
 
     Returns (mean loss over the trainable tokens, their count); 0 loss when there are none.
-    A model with `hidden_states` and a bias-free linear `lm_head` (Transformer, prompt and prefix
-    tuning, with or without trainable token rows) gets the head and the loss fused chunk by chunk
-    (loss.py: same numbers, no [B, T, V] logits); anything else, e.g. a DDP wrapper, whose forward
-    syncs the gradients, runs model(...), and so does `fused=False`.
+
+    The plain path is lm_head -> F.cross_entropy (`fused=False`). The speed switch `fused=True` (the
+    default, which the lessons' numbers were measured with) runs the head and the loss chunk by chunk
+    (LinearCrossEntropy above: same numbers up to float rounding, no [B, T, V] logits) whenever the model
+    lets it: `hidden_states` and a bias-free linear `lm_head` (Transformer, prompt and prefix tuning,
+    with or without trainable token rows). Anything else, e.g. a DDP wrapper, whose forward syncs the
+    gradients, takes the plain path.
     """
     # shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of the
     # step; the last position gets label -100 instead, since it has nothing to predict
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
     n = (labels != IGNORE_INDEX).sum()
     weight = head_weight(getattr(model, "lm_head", None)) if fused and hasattr(model, "hidden_states") else None
-    if weight is not None:
-        h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, H]
-        total = linear_cross_entropy(h.flatten(0, 1), weight, labels.flatten())
-    else:
+    if weight is None:  # the plain path: all the logits, then the loss
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, V]
         total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    else:  # the speed variant: head and loss fused, chunk by chunk
+        h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B, T, H]
+        total = linear_cross_entropy(h.flatten(0, 1), weight, labels.flatten())
     return total / n.clamp(min=1), n

@@ -22,17 +22,18 @@ overflow the scaler skips that step and halves the scale, which we report.
 
 import json
 import math
-import random
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import memory  # a module, not its names: memory.py imports train.loss, whose package imports this file
+from ..data import PaddingCollator
+from ..seed import seed_everything
 from . import distributed as dist
 from .checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -93,12 +94,6 @@ class TrainResult:
         return f"{len(ran)} step{'s' * (len(ran) > 1)} ({where}, resumed from {self.resumed_from.name})"
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed
     run and every DDP process compute the same one without being told."""
@@ -106,8 +101,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
-    from ..memory import estimate_memory  # lazily: memory.py imports the model package
-
     if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
         return None
     # a preference pair holds two sequences (chosen_input_ids, rejected_input_ids), run as two rows
@@ -119,7 +112,7 @@ def _print_memory_estimate(model, cfg: TrainConfig, train_data: list):
         return None  # no formula for adapters and soft prompts (what they train is tiny anyway)
     r = cfg.adalora_init_r if cfg.finetuning_type == "adalora" else cfg.lora_rank
     rows = cfg.per_device_train_batch_size * len(keys)
-    est = estimate_memory(model.config, method=method, dtype=dtype, batch_size=rows, seq_len=seq_len, lora_r=r,
+    est = memory.estimate_memory(model.config, method=method, dtype=dtype, batch_size=rows, seq_len=seq_len, lora_r=r,
                           autocast=cfg.bf16 or cfg.fp16)
     tqdm.write(str(est))
     return est
@@ -157,7 +150,6 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     model.to(device).train()
     loss_fn, count_fn = loss_fn or causal_lm_loss, count_fn or count_targets
     if collate is None:
-        from ..data import PaddingCollator
         collate = PaddingCollator(tokenizer, pad_id=None if tokenizer is not None else 0)
 
     B, A = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
