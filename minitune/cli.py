@@ -1,8 +1,10 @@
-"""The command line: `python -m minitune {train,generate,chat} ...` (also installed as `minitune`).
+"""The command line: `python -m minitune {train,generate,chat,export} ...` (also installed as `minitune`).
 
     minitune train examples/sft.yaml --learning_rate 1e-4       # like `llamafactory-cli train x.yaml`
     minitune generate --model weights/tiny --template chatml --prompt "Who are you?"
     minitune chat --model saves/sft                              # like `llamafactory-cli chat`
+    minitune chat infer.yaml                                     # LLaMA-Factory's inference yaml
+    minitune export merge.yaml                                   # like `llamafactory-cli export`: export.py
 
 Training lives here; what each finetuning_type adds, saves and reads back in finetuning.py;
 `generate` and `chat` (streaming, history within the context) in chat.py.
@@ -24,6 +26,7 @@ from .data.dataset import check_cutoff_len
 from .data.registry import load_pair_records, load_sft, resolve_datasets
 from .data.templates import TEMPLATES, get_template
 from .errors import UserError
+from .export import EXPORT_KEYS, EXPORT_NOTED, export
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
 from .rlhf.dpo import train_dpo
 from .rlhf.reward import RewardModel, load_reward_model, prepare_pairs, save_reward_model, train_reward_model
@@ -253,21 +256,22 @@ INFERENCE_NOTED = {"finetuning_type": "the adapter folder says which method it h
                    "infer_dtype": "use --dtype", "enable_thinking": "not read yet by minitune chat"}
 
 
-def inference_settings(path) -> dict:
-    """An inference yaml/json (LLaMA-Factory's examples/inference/*.yaml) as chat/generate defaults."""
+def settings_from_file(path, verb: str, keys: dict, noted_keys: dict) -> dict:
+    """A chat / export yaml (LLaMA-Factory's examples/inference, examples/merge_lora) as flag defaults:
+    `keys` maps its keys to flag names, `noted_keys` are accepted with a note, anything else is an error."""
     settings, noted = {}, []
     for key, value in read_config_file(path).items():
-        if key in INFERENCE_KEYS:
-            settings[INFERENCE_KEYS[key]] = value
-        elif key == "do_sample":  # false: greedy; true: LLaMA-Factory's default sampling unless set
+        if key in keys:
+            settings[keys[key]] = value
+        elif key == "do_sample" and verb != "export":  # false: greedy; true: LLaMA-Factory's sampling unless set
             settings.setdefault("temperature", 0.95 if value else 0.0)
             if value:
                 settings.setdefault("top_p", 0.7)
-        elif key in INFERENCE_NOTED:
-            noted.append(f"{key} ({INFERENCE_NOTED[key]})")
+        elif key in noted_keys:
+            noted.append(f"{key} ({noted_keys[key]})")
         else:
-            raise UserError(f"{path}: unknown key {key!r} for chat/generate (expected one of "
-                            f"{', '.join([*INFERENCE_KEYS, 'do_sample', *INFERENCE_NOTED])})")
+            raise UserError(f"{path}: unknown key {key!r} for {verb} (expected one of "
+                            f"{', '.join([*keys, *noted_keys])})")
     if noted:
         print(f"note: {path}: not used: {'; '.join(noted)}", file=sys.stderr)
     if isinstance(settings.get("adapter"), list):
@@ -312,10 +316,32 @@ def run_command(argv=None):
                         description="Chat with a model: the reply streams token by token; the history is "
                                     "kept; /reset clears it, /exit quits. Reads stdin, so input can be piped.")
     chat.model_args(cp)
+    ep = sub.add_parser("export", help="merge a LoRA adapter into its base and write a Hugging Face checkpoint",
+                        description="Like llamafactory-cli export: model + adapter -> one merged model folder.")
+    ep.add_argument("config", nargs="?", help="an export config (.yaml/.json: model_name_or_path, "
+                                              "adapter_name_or_path, export_dir, export_size, ...); flags win")
+    ep.add_argument("--model", help="the base model folder (model_name_or_path)")
+    ep.add_argument("--adapter", help="the LoRA / AdaLoRA adapter folder (adapter_name_or_path)")
+    ep.add_argument("--export_dir", help="where the merged model goes (a new or empty folder)")
+    ep.add_argument("--export_size", type=float, default=5, help="GB per safetensors shard (default 5)")
+    ep.add_argument("--export_device", default="cpu", help="cpu | auto (where the merge runs)")
+    ep.add_argument("--export_legacy_format", type=lambda v: v.lower() == "true", default=False,
+                    help="false: safetensors (true, pickled .bin, is refused)")
     args, unknown = parser.parse_known_args(argv)
     if args.command != "train" and args.config:  # the file's settings become defaults; flags given still win
-        (gp if args.command == "generate" else cp).set_defaults(**inference_settings(args.config))
+        keys = (EXPORT_KEYS, EXPORT_NOTED) if args.command == "export" else (INFERENCE_KEYS, INFERENCE_NOTED)
+        {"generate": gp, "chat": cp, "export": ep}[args.command].set_defaults(
+            **settings_from_file(args.config, args.command, *keys))
         args, unknown = parser.parse_known_args(argv)
+    if args.command == "export":
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if not args.model or not args.export_dir:
+            parser.error("export: model_name_or_path and export_dir are needed (config file or flags)")
+        out = export(args.model, args.adapter, args.export_dir, args.export_size, args.export_device,
+                     args.export_legacy_format)
+        print(f"exported {'the merged model' if args.adapter else 'the model'} to {out}")
+        return
     if args.command != "train":
         if not args.model:
             parser.error(f"{args.command}: a model is needed: --model, or model_name_or_path in a config file")
