@@ -4,6 +4,14 @@
     ids = torch.tensor([tok.encode("Who are you?")])
     out = minitune.generate(model, ids, max_new_tokens=32, eos_id=tok.eos_id)
     print(tok.decode(out[0, ids.shape[1]:].tolist()))
+
+The loaders, each one step on top of the one before (one name, one job):
+
+    minitune.model.load_model(path)          config.json + safetensors -> Transformer (model/checkpoint.py)
+    minitune.load_pretrained(path)           ... + the tokenizer: (model, tok)       (this file)
+    minitune.cli.load_for_training(cfg)      ... + the finetuning_type's method on it (LoRA, prompts, ...)
+    minitune.chat.load_for_inference(args)   ... + an adapter folder read back, on the chosen device
+    classroom.tiny_sft.load_lesson_model     what lessons 06-08 load: fp32 for training, their thread rule
 """
 
 from pathlib import Path

@@ -28,6 +28,7 @@ from .data.templates import TEMPLATES, get_template
 from .errors import UserError
 from .export import EXPORT_KEYS, EXPORT_NOTED, export
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
+from .model import ModelConfig
 from .rlhf.dpo import train_dpo
 from .rlhf.reward import RewardModel, load_reward_model, prepare_pairs, save_reward_model, train_reward_model
 from .seed import seed_everything
@@ -38,7 +39,7 @@ from .train.config import PEFT_TYPES, TrainConfig
 from .train.config_file import FIELDS, coerce, flag_help, load_config, read_config_file
 from .train.output_dir import check_output_dir
 from .train.plot import plot_log
-from .train.trainer import TrainingDiverged
+from .train.trainer import TrainingDiverged, planned_steps
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
@@ -65,8 +66,10 @@ def train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def load_for_training(cfg: TrainConfig):
-    """(model, tokenizer) ready to train: the finetuning_type hook (LoRA wraps the model here)."""
+def load_for_training(cfg: TrainConfig, tok=None, n_train: int | None = None):
+    """(model, tokenizer) ready to train: the checkpoint, then the finetuning_type hook (LoRA wraps the
+    model here). n_train, the number of training examples, is what AdaLoRA's rank schedule is planned
+    from (its total_step); tok, when the caller has loaded the tokenizer already (to prepare the data)."""
     if (cfg.stage, cfg.finetuning_type) not in IMPLEMENTED:
         raise UserError(f"stage {cfg.stage!r} with finetuning_type {cfg.finetuning_type!r} is not "
                          f"implemented yet; this version trains {sorted(IMPLEMENTED)}")
@@ -75,24 +78,36 @@ def load_for_training(cfg: TrainConfig):
     # full fine-tuning keeps fp32 weights (AdamW needs them); bf16/fp16 autocast the matmuls
     # qlora (lesson 09): the base is stored in NF4 while it loads; LoRA then trains on top of it
     quantize = "nf4" if cfg.finetuning_type == "qlora" else None
-    model, tok = minitune.load_pretrained(cfg.model_name_or_path, device="cpu", dtype=torch.float32, quantize=quantize)
-    if tok is None:
-        raise UserError(f"{cfg.model_name_or_path}: no tokenizer files (tokenizer.json, or tokenizer.model)")
+    model = minitune.load_model(cfg.model_name_or_path, device="cpu", dtype=torch.float32, quantize=quantize)
+    tok = tok or training_tokenizer(cfg)
+    fit_cutoff_len(cfg, model.config)
     # the adapter's new parameters (LoRA's A, prompts, ...) are drawn right after seeding, as the lessons'
     # tiny_sft does: --seed picks them, and they do not depend on what ran before in the process
     seed_everything(cfg.seed)
+    total_steps = None if n_train is None else planned_steps(n_train, cfg, distributed.world()[1])
     try:
-        model = apply_finetuning_type(model, cfg, tok)
+        model = apply_finetuning_type(model, cfg, tok, total_steps=total_steps)
     except ValueError as e:  # e.g. a lora_target that names no layer of this model
         raise UserError(f"finetuning_type {cfg.finetuning_type}: {e}") from None
-    # after apply_finetuning_type: virtual tokens take positions too. A cutoff_len left at its default
-    # shrinks to a small model's context (with a note); one set above it is an error
-    room = model.config.max_position_embeddings - getattr(model, "num_virtual_tokens", 0)
+    check_cutoff_len(cfg.cutoff_len, model, cfg.model_name_or_path)  # virtual tokens take positions too
+    return model, tok
+
+
+def training_tokenizer(cfg: TrainConfig):
+    path = Path(cfg.model_name_or_path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, or tokenizer.model)")
+    return minitune.load_tokenizer(path)
+
+
+def fit_cutoff_len(cfg: TrainConfig, model_config) -> None:
+    """A cutoff_len left at its default shrinks to a small model's context (with a note), less the virtual
+    tokens of prompt / prefix tuning; one set above it is an error (check_cutoff_len, once the method is on)."""
+    virtual = cfg.virtual_tokens if cfg.finetuning_type in ("prefix", "prompt", "ptuning") else 0
+    room = model_config.max_position_embeddings - virtual
     if cfg.cutoff_len == TrainConfig.cutoff_len and cfg.cutoff_len > room:
         print(f"note: cutoff_len {cfg.cutoff_len} (the default) is cut to {room}, the model's context", file=sys.stderr)
         cfg.cutoff_len = room
-    check_cutoff_len(cfg.cutoff_len, model, cfg.model_name_or_path)
-    return model, tok
 
 
 def run_train(cfg: TrainConfig):
@@ -104,14 +119,17 @@ def run_train(cfg: TrainConfig):
         return run_rl(cfg)
     if cfg.stage in ("rm", "dpo"):
         return run_preference(cfg)
-    model, tok = load_for_training(cfg)
+    # the data first: AdaLoRA plans its rank schedule from the number of training steps
+    tok = training_tokenizer(cfg)
+    fit_cutoff_len(cfg, ModelConfig.from_file(Path(cfg.model_name_or_path) / "config.json"))
     examples = [ex for spec in resolve_datasets(cfg.datasets, cfg.dataset_dir)
                 for ex in load_sft(spec, cfg.max_samples).examples]
     data = prepare_sft(examples, tok, cfg.template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
     main = distributed.is_main()
     if main:
         print(f"data: {data.report.summary()}")
-    hooks = training_hooks(model, cfg, len(data.train))
+    model, tok = load_for_training(cfg, tok, n_train=len(data.train))
+    hooks = training_hooks(model, cfg)
     result = train(model, data.train, cfg, val_data=data.val or None, collate=PaddingCollator(tok), tokenizer=tok,
                    **hooks)
     if main:

@@ -10,42 +10,44 @@ Reading an adapter back (`minitune chat/generate --adapter DIR`) needs none of t
 minitune.peft.load_adapter (peft/adapter_io.py) rebuilds every method from its folder alone.
 """
 
-import dataclasses
 import os
 from pathlib import Path
 
 from . import peft
-from .errors import UserError
 from .peft.adalora import SVDLinear, ranks
 from .peft.adapter_io import METHOD_FILE, METHOD_KEYS, METHOD_WEIGHTS  # noqa: F401  (their home is peft)
 from .peft.lora import LoRALinear
-from .train import distributed
 from .train.checkpoint import save_final
 from .train.config import PEFT_TYPES, TrainConfig
-from .train.trainer import causal_lm_loss, planned_steps
+from .train.trainer import causal_lm_loss
 
 
-def apply_finetuning_type(model, cfg: TrainConfig, tok=None):
+def apply_finetuning_type(model, cfg: TrainConfig, tok=None, total_steps: int | None = None):
     """Freeze `model` and add what cfg.finetuning_type trains (lessons 06-08); returns the model to
     train: the same object (LoRA, AdaLoRA, adapters) or a wrapper around it (prefix, prompt, ptuning).
     With `trainable_tokens` those rows of the embedding (and of a head tied to it) train as well
-    (minitune/peft/trainable_tokens.py); token strings are looked up in `tok`, digits are ids."""
-    model = add_method(model, cfg, tok)
+    (minitune/peft/trainable_tokens.py); token strings are looked up in `tok`, digits are ids.
+    total_steps: the optimizer steps the run will take (trainer.planned_steps); AdaLoRA's rank
+    schedule is planned over them, so adalora needs it (as PEFT's AdaLoraConfig needs total_step)."""
+    model = add_method(model, cfg, tok, total_steps)
     if cfg.trainable_tokens:
         model = peft.apply_trainable_tokens(model, peft.token_ids(tok, cfg.trainable_tokens))
     return model
 
 
-def add_method(model, cfg: TrainConfig, tok=None):
+def add_method(model, cfg: TrainConfig, tok=None, total_steps: int | None = None):
     """cfg.finetuning_type's own parameters, on the frozen model (see apply_finetuning_type)."""
     ft = cfg.finetuning_type
     rank = cfg.adalora_init_r if ft == "adalora" else cfg.lora_rank
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * rank  # LLaMA-Factory's default
     if ft in ("lora", "qlora"):  # apply_lora wraps a 4-bit base in QLoRALinear
         return peft.apply_lora(model, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.lora_targets, cfg.use_rslora)
-    if ft == "adalora":  # total_step is known only once the data is: training_hooks sets it
+    if ft == "adalora":
+        if not total_steps:
+            raise ValueError("AdaLoRA plans its rank schedule over the run's steps: pass total_steps "
+                             "(trainer.planned_steps of the training data)")
         return peft.apply_adalora(model, peft.AdaLoRAConfig(
-            total_step=cfg.adalora_tinit + cfg.adalora_tfinal + 1, init_r=cfg.adalora_init_r,
+            total_step=total_steps, init_r=cfg.adalora_init_r,
             target_r=cfg.adalora_target_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, tinit=cfg.adalora_tinit,
             tfinal=cfg.adalora_tfinal, deltaT=cfg.adalora_deltaT, orth_reg_weight=cfg.adalora_orth_reg_weight,
             targets=cfg.lora_targets))
@@ -62,16 +64,11 @@ def add_method(model, cfg: TrainConfig, tok=None):
     return model
 
 
-def training_hooks(model, cfg: TrainConfig, n_train: int) -> dict:
+def training_hooks(model, cfg: TrainConfig) -> dict:
     """Extra `train` arguments of a finetuning_type. AdaLoRA: the orthogonality regulariser joins the
     loss while training (loss_fn), and the rank allocator runs after every optimizer step (after_step)."""
     if cfg.finetuning_type != "adalora":
         return {}
-    total = planned_steps(n_train, cfg, distributed.world()[1])
-    try:
-        model.adalora_config = dataclasses.replace(model.adalora_config, total_step=total)
-    except ValueError as e:
-        raise UserError(f"AdaLoRA over {total} training steps: {e}") from None
     controller = peft.AdaLoRAController(model)
     weight = cfg.adalora_orth_reg_weight
 

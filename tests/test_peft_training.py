@@ -67,8 +67,8 @@ def run_cli_train(tiny_dir, out, ft, monkeypatch, *extra):
     seen = {}
     load, save = cli.load_for_training, cli.save_trained
 
-    def load_spy(cfg):
-        model, tok = load(cfg)
+    def load_spy(cfg, *args, **kw):
+        model, tok = load(cfg, *args, **kw)
         seen["start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model, tok
 
@@ -151,17 +151,18 @@ def _adalora_setup(tiny_dir, **kw):
         max_steps=8, learning_rate=1e-2, per_device_train_batch_size=4, lr_scheduler_type="constant", save_steps=0,
         device="cpu", lora_target="q_proj,v_proj,o_proj", model_name_or_path=str(tiny_dir / "model"),
         dataset=str(tiny_dir / "data.json"), output_dir=str(tiny_dir / "unused")), **kw})
-    model, tok = cli.load_for_training(cfg)
     from minitune.data import PaddingCollator, load_examples, prepare_sft
 
+    tok = cli.training_tokenizer(cfg)
     data = prepare_sft(load_examples(tiny_dir / "data.json").examples, tok, "chatml", cutoff_len=64).train
+    model, tok = cli.load_for_training(cfg, tok, n_train=len(data))  # the rank schedule is planned from the data
     return cfg, model, tok, data, PaddingCollator(tok)
 
 
 def test_adalora_ranks_shrink_on_schedule_through_the_trainer_hook(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir)
-    hooks = finetuning.training_hooks(model, cfg, len(data))
-    assert model.adalora_config.total_step == planned_steps(len(data), cfg) == 8
+    hooks = finetuning.training_hooks(model, cfg)
+    assert model.adalora_config.total_step == planned_steps(len(data), cfg) == 8  # set once, when the layers are made
     kept, calls = {}, []
     allocate = hooks["after_step"]
 
@@ -190,7 +191,7 @@ def test_adalora_ranks_shrink_on_schedule_through_the_trainer_hook(tiny_dir):
 
 def test_adalora_regulariser_joins_the_training_loss_only(tiny_dir):
     cfg, model, tok, data, collate = _adalora_setup(tiny_dir)
-    hooks = finetuning.training_hooks(model, cfg, len(data))
+    hooks = finetuning.training_hooks(model, cfg)
     batch = collate(data[:4])
     from minitune.peft import orth_regularizer
 
@@ -205,10 +206,8 @@ def test_adalora_regulariser_joins_the_training_loss_only(tiny_dir):
 
 
 def test_adalora_schedule_too_short_is_a_clear_error(tiny_dir):
-    cfg, model, tok, data, collate = _adalora_setup(tiny_dir, adalora_tinit=5)
-    cfg.max_steps = 6
-    with pytest.raises(UserError, match="AdaLoRA over 6 training steps: tinit=5, tfinal=2"):
-        finetuning.training_hooks(model, cfg, len(data))
+    with pytest.raises(UserError, match="finetuning_type adalora: tinit=5, tfinal=2, total_step=6"):
+        _adalora_setup(tiny_dir, adalora_tinit=5, max_steps=6)
 
 
 def _greedy(model, tok, prompt, n=6):

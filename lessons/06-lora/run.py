@@ -58,7 +58,7 @@ def how_many_parameters(args, model) -> None:
     print(f"{'full fine-tuning':32}{formula_total(tiny_cfg):>15,}{base_total:>11,}{100:>10.0f}%"
           f"{formula_total(LLAMA_7B):>20,}{100:>10.0f}%")
     for targets, r in ((QV, 8), (ALL, 8), (ALL, 16), (ALL, 64)):
-        fresh, _ = S.load_model(args)
+        fresh, _ = S.load_lesson_model(args)
         counted = count_parameters(apply_lora(fresh, r, 2 * r, targets=list(targets)))[0]
         tiny, big = lora_parameters(tiny_cfg, r, targets), lora_parameters(LLAMA_7B, r, targets)
         assert tiny == counted, (targets, r, tiny, counted)
@@ -75,7 +75,7 @@ def lora_vs_full(args, tok) -> dict:
               f"{args.epochs:g} epochs, beside full fine-tuning (全参数微调)")
     data, rows = S.tiny_world(args, tok)
     print(f"SFT data: {data.report.summary()}; {len(rows)} held-out questions")
-    fresh, _ = S.load_model(args)
+    fresh, _ = S.load_lesson_model(args)
     end = S.end_of_turn_loss(fresh, tok, data)
     if end is not None:
         print(f"the base model where a reply should end: -log P({S.END_OF_TURN}) = {end[0]:.2f}, the top token "
@@ -83,7 +83,7 @@ def lora_vs_full(args, tok) -> dict:
               "fine-tuning trains their embedding rows, LoRA leaves them as they are)")
     full = S.full_baseline(args, data, rows, tok)
 
-    model, _ = S.load_model(args)
+    model, _ = S.load_lesson_model(args)
     cfg = S.config(args, "lora", args.lr, str(S.ROOT / "runs" / "lesson-06"), lora_rank=RANK, lora_alpha=ALPHA,
                    lora_target="all")
     print(f"\nthe same run on the command line: minitune train --finetuning_type lora --lora_rank {RANK} "
@@ -118,7 +118,7 @@ def merge_and_adapter_file(args, tok, model, name: str) -> None:
               f"target_modules={config['target_modules']}")
         print(f"adapter_model.safetensors: {size / 1e3:.0f} kB (the model file: {full_size / 1e3:.0f} kB); "
               f"a tensor name: {next(iter(tensor_names(folder)))}")
-        fresh, _ = S.load_model(args)
+        fresh, _ = S.load_lesson_model(args)
         with torch.no_grad():
             y_loaded = load_adapter(fresh, folder).eval()(test)
         print(f"read back into a fresh base model: max |logit difference| {(y_loaded - y).abs().max().item():.1e}")
@@ -135,7 +135,7 @@ def tensor_names(folder):
 
 def main():
     args = S.parse_args("Lesson 06: LoRA", lr=S.LORA["lr"], epochs=S.LORA["epochs"])
-    model, tok = S.load_model(args)
+    model, tok = S.load_lesson_model(args)
     name = lora_layer(args, model, tok)
     how_many_parameters(args, model)
     lora = lora_vs_full(args, tok)

@@ -100,7 +100,7 @@ def adalora_vs_full(args, tok, data, rows, plan, tinit: int, tfinal: int, marks)
     table beside full fine-tuning. Returns the AdaLoRA run (its model is section 5's)."""
     S.section("4. AdaLoRA fine-tuning vs full fine-tuning (lesson 05's run)")
     full = S.full_baseline(args, data, rows, tok)
-    model, _ = S.load_model(args)
+    model, _ = S.load_lesson_model(args)
     cfg = S.config(args, "adalora", args.lr, str(S.ROOT / "runs" / "lesson-07"), adalora_init_r=INIT_R,
                    adalora_target_r=TARGET_R, adalora_tinit=tinit, adalora_tfinal=tfinal, lora_target="all")
     print(f"minitune train --finetuning_type adalora --adalora_init_r {INIT_R} --adalora_target_r {TARGET_R} "
@@ -147,7 +147,7 @@ def where_the_rank_went(args, tok, model) -> None:
         folder = save_adapter(model, Path(tmp) / "adapter", args.model)
         config = json.loads((folder / "adapter_config.json").read_text())
         size = (folder / "adapter_model.safetensors").stat().st_size
-        fresh, _ = S.load_model(args)
+        fresh, _ = S.load_lesson_model(args)
         test = torch.tensor([tok.encode("Reverse the words: red blue green")], device=args.device)
         with torch.no_grad():
             diff = (load_adapter(fresh, folder).eval()(test) - model.eval()(test)).abs().max().item()
@@ -157,7 +157,7 @@ def where_the_rank_went(args, tok, model) -> None:
 
 def main():
     args = S.parse_args("Lesson 07: AdaLoRA", lr=1e-2, epochs=S.PEFT_EPOCHS)
-    model, tok = S.load_model(args)
+    model, tok = S.load_lesson_model(args)
     svd_form(args, model, tok)
     how_many_parameters(model)
     data, rows, plan, tinit, tfinal, marks = budget_schedule(args, model, tok)

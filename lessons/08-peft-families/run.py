@@ -99,7 +99,7 @@ def where_the_parameters_go(args, model, tok) -> dict:
              "LoRA": f"a rank-{RANK} update B A beside every linear layer of the blocks (reparameterisation)"}
     counted = {}
     for name, build in builders.items():
-        m, _ = S.load_model(args)
+        m, _ = S.load_lesson_model(args)
         wrapped = build(m)
         trainable = [(n, list(p.shape)) for n, p in wrapped.named_parameters() if p.requires_grad]
         counted[name] = count_parameters(wrapped)[0]
@@ -108,7 +108,7 @@ def where_the_parameters_go(args, model, tok) -> dict:
         print(f"{name:9} {where[name]}\n          trains {len(trainable)} tensors, e.g. {trainable[0][0]} {trainable[0][1]}; "
               f"at init the logits {at_init(diff)}")
     # beside any of them: the chat tokens' rows of the embedding, which the tied LM head shares
-    m, _ = S.load_model(args)
+    m, _ = S.load_lesson_model(args)
     rows = apply_trainable_tokens(m.requires_grad_(False), token_ids(tok, CHAT_ROWS)).model.embed_tokens
     counted["+rows"] = count_parameters(m)[0]
     with torch.no_grad():
@@ -160,7 +160,7 @@ def train_side_by_side(args, tok) -> dict:
         flags = " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in settings.items())
         print(f"\n--- {name}: minitune train --finetuning_type {ft} {flags} --learning_rate {lr:g} "
               f"--num_train_epochs {args.epochs:g} ...")
-        model, _ = S.load_model(args)
+        model, _ = S.load_lesson_model(args)
         out = str(S.ROOT / "runs" / f"lesson-08-{ft}{'-rows' if 'trainable_tokens' in settings else ''}")
         runs[name] = S.sft(model, tok, data, questions, S.config(args, ft, lr, out, **settings))
         print(f"{name}: {runs[name]['steps']} steps in {runs[name]['seconds']:.0f} s, "
@@ -190,7 +190,7 @@ def main():
     # five runs (ten with --rows both), each with EPOCHS_08 epochs by default; --epochs trades accuracy for time
     args = S.parse_args("Lesson 08: adapters, prefix, prompt and P-tuning, and LoRA, side by side", lr=None,
                         extra=extra_flags, epochs=EPOCHS_08)
-    model, tok = S.load_model(args)
+    model, tok = S.load_lesson_model(args)
     counted = where_the_parameters_go(args, model, tok)
     how_many_parameters(model.config, counted)
     runs = train_side_by_side(args, tok)

@@ -30,6 +30,7 @@ from minitune.data import PaddingCollator, prepare_sft
 from minitune.peft import count_parameters
 from minitune.tiny.evaluate import evaluate_tasks
 from minitune.train import TrainConfig, train
+from minitune.train.trainer import planned_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 # lessons/05-sft/run.py: the same split, batch, schedule, cutoff, epochs and full fine-tuning learning rate
@@ -74,7 +75,7 @@ def parse_args(description: str, lr: float | None, extra=None, epochs: float = E
     return args
 
 
-def load_model(args):
+def load_lesson_model(args):
     """fp32 weights (AdamW needs them; --dtype bfloat16 autocasts the matmuls), as lesson 05; on CPU,
     1 thread for a small model (lesson 05's rule)."""
     model, tok = minitune.load_pretrained(args.model, device=args.device, dtype=torch.float32)
@@ -112,9 +113,9 @@ def sft(model, tok, data, rows, cfg: TrainConfig, after_step=None) -> dict:
     """
     base_params = count_parameters(model)[1]
     torch.manual_seed(cfg.seed)
-    model = apply_finetuning_type(model, cfg, tok)
+    model = apply_finetuning_type(model, cfg, tok, total_steps=planned_steps(len(data.train), cfg))
     trainable = count_parameters(model)[0]
-    hooks = training_hooks(model, cfg, len(data.train))
+    hooks = training_hooks(model, cfg)
     if after_step is not None:
         own = hooks.get("after_step")
         hooks["after_step"] = lambda m, s: (own and own(m, s), after_step(m, s))
@@ -176,7 +177,7 @@ def full_baseline(args, data, rows, tok) -> dict | None:
         print(f"full fine-tuning, measured {run['when']} on this model/data/settings ({run['steps']} steps, "
               f"{run['seconds']:.0f} s); kept in {cache.relative_to(ROOT)} (--remeasure runs it again)")
         return run
-    model, _ = load_model(args)
+    model, _ = load_lesson_model(args)
     run = sft(model, tok, data, rows, cfg)
     run.pop("model")
     run["when"] = time.strftime("%Y-%m-%d %H:%M")
