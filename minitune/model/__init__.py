@@ -3,6 +3,8 @@
 from .checkpoint import CheckpointError, load_model, save_pretrained
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache
+from .static_cache import StaticKVCache
 from .transformer import Transformer
 
-__all__ = ["CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Transformer", "load_model", "save_pretrained"]
+__all__ = ["CheckpointError", "ConfigError", "KVCache", "ModelConfig", "StaticKVCache", "Transformer", "load_model",
+           "save_pretrained"]
