@@ -177,3 +177,63 @@ def estimate_memory(config: ModelConfig, method: str = "full", dtype=torch.float
         copies = 2 * counts["linear"] + (2 * config.vocab_size * h if method == "full" else 0)
     name = str(dtype).replace("torch.", "")
     return MemoryEstimate(method, name, n, trainable, batch_size, seq_len, params, grads, states, master, acts, copies)
+
+
+# ----------------------------------------------------------------------------- per rank, N data-parallel ranks
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "offload")
+
+
+@dataclass
+class RankMemory:
+    """What one of `ranks` data-parallel processes holds (bytes), on its device and in CPU memory."""
+    strategy: str
+    ranks: int
+    parameters: float
+    gradients: float
+    optimizer_states: float  # AdamW moments, plus fp32 master weights under 16-bit weights
+    activations: float  # never sharded: each rank runs its own share of the batch
+    cpu: float = 0.0  # offload: the shards, gradients and moments in host memory instead
+
+    @property
+    def total(self) -> float:
+        """On the device."""
+        return self.parameters + self.gradients + self.optimizer_states + self.activations
+
+
+def per_rank_memory(est: MemoryEstimate, ranks: int, strategy: str) -> RankMemory:
+    """Split a one-process estimate over `ranks` processes (ZeRO, Rajbhandari et al. 2020, table 1):
+
+        ddp      everything whole on every rank
+        zero1    optimizer states (and master weights) / N
+        zero2    + gradients / N                      (fsdp shard_grad_op, DeepSpeed stage 2)
+        zero3    + parameters / N                     (fsdp full_shard, stage 3)
+        offload  zero3's shards, gradients and states in CPU memory (fsdp "full_shard offload")
+
+    A frozen base (LoRA) is sharded like the rest under zero3. Peak figures: under zero2 the whole
+    weights are there from forward to backward, under zero3 one unit (block) is all-gathered at a
+    time, which is left out here (one block of a 7B model is ~1/32 of it). Activations and autocast's
+    16-bit weight copies are per rank and never divided."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    level = STRATEGIES.index(strategy)  # 0 ddp .. 4 offload: each level shards one more thing
+    states = (est.optimizer_states + est.master_weights) / (ranks if level >= 1 else 1)
+    grads = est.gradients / (ranks if level >= 2 else 1)
+    params = est.parameters / (ranks if level >= 3 else 1)
+    acts = est.activations + est.weight_copies
+    if strategy == "offload":
+        return RankMemory(strategy, ranks, 0.0, 0.0, 0.0, acts, cpu=params + grads + states)
+    return RankMemory(strategy, ranks, params, grads, states, acts)
+
+
+def per_rank_table(est: MemoryEstimate, ranks: int) -> str:
+    """The strategies side by side, for one model on `ranks` processes (lesson 14)."""
+    lines = [f"per rank of {ranks} ({est.method} fine-tuning, weights in {est.dtype}):",
+             f"  {'strategy':<9}" + "".join(f"{h:>10}" for h in ("weights", "grads", "AdamW", "device", "CPU"))]
+    for s in STRATEGIES:
+        m = per_rank_memory(est, ranks, s)
+        lines.append(f"  {s:<9}" + "".join(f"{human_bytes(b):>10}" for b in
+                                           (m.parameters, m.gradients, m.optimizer_states, m.total, m.cpu)))
+    return "\n".join(lines)

@@ -64,7 +64,7 @@ def assert_sections_printed(lesson: str, stdout: str) -> None:
 
 
 def test_every_lesson_is_found():
-    assert len(LESSONS) == 13 and LESSONS[0] == "01-tokenization" and LESSONS[-1] == "13-grpo", LESSONS
+    assert len(LESSONS) == 14 and LESSONS[0] == "01-tokenization" and LESSONS[-1] == "14-parallelism", LESSONS
 
 
 @pytest.mark.parametrize("lesson", LESSONS)

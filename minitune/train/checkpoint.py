@@ -42,6 +42,8 @@ from ..model import Transformer, save_pretrained
 from ..model.checkpoint import CheckpointError, save_safetensors, weight_files, write_checkpoint_files
 
 TRAINABLE_FILE, STATE_FILE = "trainable_params.safetensors", "trainer_state.pt"
+# a sharded checkpoint (train/fsdp.py): each of W ranks writes its shards and its AdamW moments
+SHARD_FILE, OPTIM_FILE = "shard-rank{r}-of-{w}.safetensors", "optimizer-rank{r}-of-{w}.pt"
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -209,6 +211,9 @@ def load_checkpoint(path, model: nn.Module, optimizer, scheduler, scaler) -> dic
 
     Every file is read before anything changes, so a damaged one leaves the model as it was."""
     path = Path(path)
+    if any(path.glob(SHARD_FILE.format(r="*", w="*"))):
+        raise CheckpointError(f"{path}: a sharded checkpoint (fsdp, one file per process); resume it with the same "
+                              "fsdp setting and number of processes (torchrun --nproc_per_node)")
     if (path / TRAINABLE_FILE).exists():
         weights = read_tensors(path / TRAINABLE_FILE)
     else:

@@ -57,3 +57,20 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def shard(items: list, rank: int, size: int) -> list:
     """This process's share of a global batch (DistributedSampler's interleaving)."""
     return items[rank::size]
+
+
+def barrier():
+    """Wait until every process gets here; nothing to wait for on one process."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every process (a sum where the other ranks put 0: no pickled objects on the wire)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value if is_main() else 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())

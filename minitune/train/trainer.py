@@ -35,6 +35,7 @@ from .. import memory  # a module, not its names: memory.py imports train.loss, 
 from ..data import PaddingCollator
 from ..seed import seed_everything
 from . import distributed as dist
+from . import fsdp
 from .checkpoint import load_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate_metrics, split_output, to_device
@@ -80,6 +81,7 @@ class TrainResult:
     metrics: dict[int, dict] = field(default_factory=dict)  # step -> extra metrics of loss_fn (see train)
     eval_metrics: dict[int, dict] = field(default_factory=dict)
     resumed_from: Path | None = None  # the checkpoint this call continued from (cfg.resume)
+    state_bytes: int = 0  # parameter + optimizer-state bytes this process held at the end (under fsdp: its shards)
 
     @property
     def steps_text(self) -> str:
@@ -165,11 +167,22 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    sharding = fsdp.parse_fsdp(cfg.fsdp)
+    if main and cfg.deepspeed:
+        tqdm.write(fsdp.read_deepspeed(cfg.deepspeed)[1])
+    if main and sharding and world_size == 1:
+        tqdm.write(f"note: fsdp {sharding} on one process is not sharding (nothing to split the model with); "
+                   "start several with torchrun --nproc_per_node N")
+    sharded = sharding is not None and world_size > 1
+    # FSDP (ZeRO-2/3, train/fsdp.py): `trained` holds this process's shards, `model` is empty until the end
+    trained = fsdp.shard_model(model, sharding, cfg.bf16, device) if sharded else model
+    optimizer = make_optimizer(trained, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # only what requires grad
     net = model
-    if world_size > 1:
+    if sharded:
+        net = fsdp.ShardedForward(trained)
+    elif world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     result = TrainResult(global_step=0)
@@ -177,7 +190,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
     step = 0
     if cfg.resume:
         # the newest checkpoint that loads: a damaged one is reported and the one before it used
-        found = resume_checkpoint(out, lambda c: load_checkpoint(c, model, optimizer, scheduler, scaler))
+        load = fsdp.load_sharded if sharded else load_checkpoint
+        found = resume_checkpoint(out, lambda c: load(c, trained, optimizer, scheduler, scaler))
         if found is None:
             tqdm.write(f"resume: no checkpoint in {out}, starting from step 0")
         else:
@@ -199,6 +213,8 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
         log_file.writelines(ln + "\n" for ln in kept)
     if main:
         result.memory_estimate = _print_memory_estimate(model, cfg, train_data)
+        if sharded and result.memory_estimate:  # what this rank holds of it (train/fsdp.py)
+            tqdm.write(memory.per_rank_table(result.memory_estimate, world_size))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # this model's weights, and whatever else the caller holds
@@ -247,7 +263,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                     metric_window.setdefault(k, []).append(v)
 
             scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))))
             if not cfg.fp16 and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
                 raise TrainingDiverged(f"step {step}: the training {what}; stopping. Try a lower learning_rate or "
@@ -300,7 +316,7 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                 log(record)
                 window, metric_window, tokens, t_last = [], {}, 0.0, now
             if val_data and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total):
-                eval_loss, eval_metrics = evaluate_metrics(model, val_data, collate, loss_fn,
+                eval_loss, eval_metrics = evaluate_metrics(net if sharded else model, val_data, collate, loss_fn,
                                                            cfg.per_device_eval_batch_size or B, device, autocast)
                 result.eval_losses[step] = eval_loss
                 if eval_metrics:
@@ -309,19 +325,26 @@ def train(model, train_data: list, cfg: TrainConfig, val_data: list | None = Non
                      **{f"eval_{k}": v for k, v in eval_metrics.items()}})
                 if main:
                     tqdm.write(f"step {step}: eval_loss {eval_loss:.4f}")
-            if out and cfg.save_steps and step % cfg.save_steps == 0 and main:
-                result.last_checkpoint = save_checkpoint(
-                    out, step, model, tokenizer, optimizer, scheduler, scaler,
-                    {"epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed})
-                prune_checkpoints(out, cfg.save_total_limit, step)
-                saved.append((step, result.last_checkpoint))
-                if cfg.plot_loss:  # keep the picture current, so a stopped run still has one
-                    plot_log(result.log_path, out / PLOT_FILE)
+            if out and cfg.save_steps and step % cfg.save_steps == 0 and (main or sharded):
+                info = {"epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed}
+                if sharded:  # every rank writes its own shards
+                    result.last_checkpoint = fsdp.save_sharded(out, step, trained, optimizer, scheduler, scaler, info)
+                else:
+                    result.last_checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, scaler,
+                                                             info)
+                if main:
+                    prune_checkpoints(out, cfg.save_total_limit, step)
+                    saved.append((step, result.last_checkpoint))
+                    if cfg.plot_loss:  # keep the picture current, so a stopped run still has one
+                        plot_log(result.log_path, out / PLOT_FILE)
     finally:
         pbar.close()
         if log_file:
             log_file.close()
 
+    result.state_bytes = fsdp.held_bytes(trained, optimizer)
+    if sharded:  # every rank gets the whole trained model back
+        fsdp.gather_into(model, trained)
     result.runtime_s = time.perf_counter() - t_start
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
