@@ -158,8 +158,8 @@ def test_cli_train_stage_dpo_and_bad_pref_settings(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dpo: trained 2 steps" in out and "rewards/margins" in out
     assert (tmp_path / "out" / "model.safetensors").exists()
-    with pytest.raises(SystemExit, match="pref_loss.*orpo"):
-        main(args[:-1] + ["orpo"])
+    with pytest.raises(SystemExit, match="pref_loss.*kto_pair"):
+        main(args[:-1] + ["kto_pair"])
     with pytest.raises(TrainConfigError, match="dpo_label_smoothing"):
         TrainConfig(pref_loss="ipo", dpo_label_smoothing=0.1)
 

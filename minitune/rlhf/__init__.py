@@ -10,13 +10,19 @@ be read (and tested) beside its equation without a model in sight.
     collapse.py     the collapse watch: response length and repetition, warnings
     ppo_trainer.py  the PPO loop with its four models (lesson 11)
     rl_checkpoint.py  PPO / GRPO checkpoints: resuming reproduces the uninterrupted run
-    dpo.py          DPO and its variants (lesson 12)
+    dpo.py          DPO and its variants: sigmoid (+ label smoothing), IPO, hinge, pref_ftx (lesson 12)
+    orpo.py         ORPO: SFT + odds ratio, no reference model
+    simpo.py        SimPO: length-averaged reward with a margin, no reference model
+    kto.py          KTO: unpaired desirable / undesirable replies against a KL reference point
     grpo.py         GRPO with a rule-checked reward (lesson 13)
 """
 
 from .collapse import collapse_stats, collapse_warnings, repetition_rate
-from .dpo import (DPO_LOSS_TYPES, add_reference_logps, dpo_loss, dpo_loss_fn, policy_logps, response_kl,
-                  sequence_logps, train_dpo)
+from .dpo import (DPO_LOSS_TYPES, add_reference_logps, dpo_loss, dpo_loss_fn, pair_lengths, policy_logps, response_kl,
+                  sequence_logps, sft_term, train_dpo)
+from .kto import add_kto_reference_logps, kto_logps, kto_loss, kto_loss_fn, train_kto
+from .orpo import log1mexp, orpo_loss, orpo_loss_fn, train_orpo
+from .simpo import simpo_loss, simpo_loss_fn, train_simpo
 from .grpo import GRPOConfig, arithmetic_problem, arithmetic_reward, group_advantages, grpo_loss, grpo_step, train_grpo
 from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs
 from .logprobs import entropy_from_logits, logprobs_from_logits, masked_mean

@@ -17,9 +17,16 @@ y_l rejected).  Variants supported here (m is always the unscaled log-ratio marg
       loss = -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)
   ipo    (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from
       Human Preferences"): regress m onto a fixed target instead of pushing it to
-      infinity, which DPO does on deterministic preferences:  (m - 1/(2 beta))^2
+      infinity, which DPO does on deterministic preferences:  (m - 1/(2 beta))^2.
+      Here m is made of log-probs AVERAGED over each response's tokens (sum / length), not
+      summed: a summed m grows with the reply's length, so the fixed target 1/(2 beta) would
+      mean something different for every length. TRL's DPOTrainer (loss_type "ipo", confirmed
+      with the IPO authors) and LLaMA-Factory (pref_loss: ipo) both average; so does
+      dpo_loss_fn here. sigmoid and hinge use the summed log-probs, as the DPO paper.
   hinge  (SLiC, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human
       Feedback"):  relu(1 - beta m)
+  pref_ftx (LLaMA-Factory): any of them plus pref_ftx * (-mean log p(y_w)), an SFT term on
+      the chosen reply with its log-prob averaged per token (sft_term below).
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data import IGNORE_INDEX
 from ..generation import generate
 from ..peft.lora import disable_lora, lora_layers
 from ..train import train
 from .logprobs import logprobs_from_logits
 from .pairs import PairCollator, PairData, stack_pairs
 
-__all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES", "policy_logps", "dpo_loss_fn", "add_reference_logps",
-           "train_dpo", "response_kl"]
+__all__ = ["dpo_loss", "sequence_logps", "DPO_LOSS_TYPES", "policy_logps", "pair_lengths", "sft_term", "dpo_loss_fn",
+           "add_reference_logps", "train_dpo", "response_kl"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -50,7 +58,8 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss, chosen_rewards, rejected_rewards).
 
-    Inputs are [B] sequence log-probs (summed over response tokens, see sequence_logps).
+    Inputs are [B] sequence log-probs (summed over response tokens, see sequence_logps; for ipo,
+    dpo_loss_fn passes them divided by the response lengths: see the module docstring).
     loss: scalar batch mean.  chosen_rewards / rejected_rewards: [B] implicit rewards
     beta * (log pi - log pi_ref), detached (for logging accuracy and margin only).
     """
@@ -110,8 +119,23 @@ def policy_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps.chunk(2)
 
 
-def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+def pair_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response tokens scored on each side: [B] chosen, [B] rejected (what a log-prob average divides by)."""
+    chosen = (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    rejected = (batch["rejected_labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return chosen.float(), rejected.float()
+
+
+def sft_term(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """LLaMA-Factory's pref_ftx term: -log p(y_w) averaged per token, then over the batch (a scalar)."""
+    return -(chosen_logps / chosen_lengths).mean()
+
+
+def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ftx: float = 0.0):
     """A loss_fn for minitune.train: DPO on one batch of pairs, counted in pairs.
+
+    ipo: the four log-probs are divided by their response lengths first (see the module docstring).
+    ftx > 0 adds ftx * sft_term (LLaMA-Factory's pref_ftx).
 
     The reference log-probs come from the batch ("ref_chosen_logps", "ref_rejected_logps", see
     add_reference_logps) or, when absent, from the same model with its LoRA adapters switched off.
@@ -131,6 +155,12 @@ def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: 
                 ref_chosen, ref_rejected = policy_logps(model, batch)
         loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                           beta, label_smoothing, loss_type)
+        n_chosen, n_rejected = pair_lengths(batch)
+        if loss_type == "ipo":  # the margin per response token, as TRL and LLaMA-Factory compute IPO
+            loss, _, _ = dpo_loss(chosen / n_chosen, rejected / n_rejected, ref_chosen / n_chosen,
+                                  ref_rejected / n_rejected, beta, label_smoothing, loss_type)
+        if ftx > 0:
+            loss = loss + ftx * sft_term(chosen, n_chosen)
         metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
@@ -165,20 +195,24 @@ def add_reference_logps(model, features: list[dict], tokenizer, batch_size: int 
 
 
 def train_dpo(model, data: PairData, cfg, tokenizer, beta: float | None = None, loss_type: str | None = None,
-              label_smoothing: float | None = None):
+              label_smoothing: float | None = None, reference=None):
     """DPO with minitune.train: reference log-probs first, then the policy trains on data.train.
 
     beta, loss_type, label_smoothing default to cfg.pref_beta, cfg.pref_loss, cfg.dpo_label_smoothing
-    (LLaMA-Factory's names). Returns the TrainResult; result.metrics[step] holds the logged rewards.
+    (LLaMA-Factory's names); cfg.pref_ftx adds the SFT term. reference: a separate reference model
+    (LLaMA-Factory's ref_model); None: `model` as it is now. Returns the TrainResult;
+    result.metrics[step] holds the logged rewards.
     """
     beta = cfg.pref_beta if beta is None else beta
     loss_type = cfg.pref_loss if loss_type is None else loss_type
     label_smoothing = cfg.dpo_label_smoothing if label_smoothing is None else label_smoothing
     dpo_loss(*torch.zeros(4, 1), beta, label_smoothing, loss_type)  # bad settings fail now, not at step 1
-    train_data = add_reference_logps(model, data.train, tokenizer)
-    val_data = add_reference_logps(model, data.val, tokenizer) if data.val else None
+    reference = model if reference is None else reference
+    train_data = add_reference_logps(reference, data.train, tokenizer)
+    val_data = add_reference_logps(reference, data.val, tokenizer) if data.val else None
     return train(model, train_data, cfg, val_data=val_data, collate=PairCollator(tokenizer),
-                 loss_fn=dpo_loss_fn(beta, loss_type, label_smoothing), tokenizer=tokenizer)
+                 loss_fn=dpo_loss_fn(beta, loss_type, label_smoothing, cfg.pref_ftx),
+                 tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------
