@@ -6,6 +6,7 @@ exchanges, as chat front ends do, and says so.
 """
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -13,7 +14,7 @@ import torch
 import minitune
 
 from .data import encode_segments, get_template, render_segments
-from .data.templates import TEMPLATES
+from .data.templates import TEMPLATES, Template, ThinkingTemplate
 from .errors import UserError
 from .generation import GenerationError
 from .peft import load_adapter
@@ -27,6 +28,8 @@ def model_args(p: argparse.ArgumentParser):
     p.add_argument("--template", help=f"chat template: {', '.join(TEMPLATES)}; chat defaults to chatml, "
                                       "generate without one continues the raw prompt text")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--enable_thinking", type=lambda v: v.lower() in ("true", "1", "yes"), metavar="BOOL",
+                   help="qwen3 template: false answers without a reasoning block (default true)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
     p.add_argument("--top_k", type=int, help="sample from the k most likely tokens")
@@ -34,6 +37,14 @@ def model_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
+
+
+def chosen_template(args) -> Template:
+    """--template by name; with --enable_thinking on a thinking layout (qwen3), that switch set."""
+    template = get_template(args.template)
+    if getattr(args, "enable_thinking", None) is not None and isinstance(template, ThinkingTemplate):
+        template = dataclasses.replace(template, enable_thinking=args.enable_thinking)
+    return template
 
 
 def load_for_inference(args):
@@ -119,6 +130,8 @@ def reply(model, tok, device, args, messages: list[dict] | None, prompt: str | N
 
 
 def run_generate(args):
+    if args.template:
+        args.template = chosen_template(args)
     model, tok, device = load_for_inference(args)
     messages = None
     if args.template:
@@ -164,6 +177,7 @@ def run_chat(args, stdin=None, out=None):
     """A terminal chat that keeps the history; /reset forgets it, /exit (or end of input) quits."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     args.template = args.template or "chatml"
+    args.template = chosen_template(args)
     model, tok, device = load_for_inference(args)
     context = model.config.max_position_embeddings
     budget = context - args.max_new_tokens  # the prompt must leave room for a whole reply

@@ -1,10 +1,11 @@
-"""The command line: `python -m minitune {train,generate,chat,export} ...` (also installed as `minitune`).
+"""The command line: `python -m minitune {train,generate,chat,export,eval} ...` (also installed as `minitune`).
 
     minitune train examples/sft.yaml --learning_rate 1e-4       # like `llamafactory-cli train x.yaml`
     minitune generate --model weights/tiny --template chatml --prompt "Who are you?"
     minitune chat --model saves/sft                              # like `llamafactory-cli chat`
     minitune chat infer.yaml                                     # LLaMA-Factory's inference yaml
     minitune export merge.yaml                                   # like `llamafactory-cli export`: export.py
+    minitune eval mmlu.yaml                                      # like `llamafactory-cli eval`: minitune/eval/
 
 Training lives here; what each finetuning_type adds, saves and reads back in finetuning.py;
 `generate` and `chat` (streaming, history within the context) in chat.py.
@@ -23,19 +24,26 @@ import minitune
 from . import chat, rlhf  # rlhf.train_ppo / train_grpo looked up when run (tests swap them)
 from .data import PaddingCollator, encode_segments, prepare_sft
 from .data.dataset import check_cutoff_len
-from .data.registry import load_pair_records, load_sft, resolve_datasets
+from .data.kto import prepare_kto, read_kto
+from .data.pretrain import prepare_pretrain, read_texts  # stage pt: run_pretrain
+from .data.registry import load_pair_records, load_sft, normalize_kto, resolve_datasets
 from .data.templates import TEMPLATES, get_template
 from .errors import UserError
+from .eval import EVAL_KEYS, EVAL_NOTED, eval_args, run_eval
 from .export import EXPORT_KEYS, EXPORT_NOTED, export
 from .finetuning import apply_finetuning_type, save_trained, training_hooks
 from .model import ModelConfig
 from .rlhf.dpo import train_dpo
-from .rlhf.reward import RewardModel, load_reward_model, prepare_pairs, save_reward_model, train_reward_model
+from .rlhf.kto import train_kto  # stage kto: run_kto; pref_loss orpo / simpo: run_preference
+from .rlhf.orpo import train_orpo
+from .rlhf.simpo import train_simpo
+from .rlhf.reward import (RewardModel, load_reward_model, prepare_pairs, save_reward_model, save_value_head,
+                          train_reward_model)
 from .seed import seed_everything
 from .tiny.evaluate import stop_ids
 from .tiny.tasks import preference_score
 from .train import distributed, train
-from .train.config import PEFT_TYPES, TrainConfig
+from .train.config import PEFT_TYPES, REFERENCE_FREE, TrainConfig
 from .train.config_file import FIELDS, coerce, flag_help, load_config, read_config_file
 from .train.output_dir import check_output_dir
 from .train.plot import plot_log
@@ -43,7 +51,9 @@ from .train.trainer import TrainingDiverged, planned_steps
 
 IMPLEMENTED = {("sft", "full")} | {("sft", t) for t in PEFT_TYPES}  # (stage, finetuning_type) pairs this version can train
 IMPLEMENTED |= {(stage, t) for stage in ("ppo", "grpo") for t in ("full", "lora")}  # rlhf: run_rl below
-IMPLEMENTED |= {("rm", "full"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
+IMPLEMENTED |= {("rm", "full"), ("rm", "lora"), ("dpo", "full"), ("dpo", "lora")}  # preference pairs: run_preference below
+IMPLEMENTED |= {("kto", "full"), ("kto", "lora")}  # unpaired labelled replies: run_preference below
+IMPLEMENTED |= {("pt", "full"), ("pt", "lora"), ("pt", "qlora")}  # raw text: run_pretrain below
 RL_UNUSED = ("bf16", "fp16", "lr_scheduler_type", "warmup_ratio", "weight_decay", "val_size", "eval_steps",
              "per_device_eval_batch_size", "logging_steps")  # run_rl reads none of them
 
@@ -101,12 +111,16 @@ def training_tokenizer(cfg: TrainConfig):
 
 
 def fit_cutoff_len(cfg: TrainConfig, model_config) -> None:
-    """A cutoff_len left at its default shrinks to a small model's context (with a note), less the virtual
-    tokens of prompt / prefix tuning; one set above it is an error (check_cutoff_len, once the method is on)."""
+    """A cutoff_len above the model's context (less the virtual tokens of prompt / prefix tuning) shrinks to
+    it, with a note: positions past the context were never trained, so examples are cut there. (LLaMA-
+    Factory's example configs say 2048 whatever the model; `check_cutoff_len` checks again once the
+    method is on.)"""
     virtual = cfg.virtual_tokens if cfg.finetuning_type in ("prefix", "prompt", "ptuning") else 0
     room = model_config.max_position_embeddings - virtual
-    if cfg.cutoff_len == TrainConfig.cutoff_len and cfg.cutoff_len > room:
-        print(f"note: cutoff_len {cfg.cutoff_len} (the default) is cut to {room}, the model's context", file=sys.stderr)
+    if cfg.cutoff_len > room:
+        default = " (the default)" if cfg.cutoff_len == TrainConfig.cutoff_len else ""
+        print(f"note: cutoff_len {cfg.cutoff_len}{default} is cut to {room}, the model's context"
+              + (f" less {virtual} virtual tokens" if virtual else ""), file=sys.stderr)
         cfg.cutoff_len = room
 
 
@@ -117,17 +131,26 @@ def run_train(cfg: TrainConfig):
     resolve_datasets(cfg.datasets, cfg.dataset_dir)  # an unknown data set name stops here too, listing the known
     if cfg.stage in ("ppo", "grpo"):
         return run_rl(cfg)
-    if cfg.stage in ("rm", "dpo"):
+    if cfg.stage in ("rm", "dpo", "kto"):
         return run_preference(cfg)
+    if cfg.stage == "pt":
+        return run_pretrain(cfg)
     # the data first: AdaLoRA plans its rank schedule from the number of training steps
     tok = training_tokenizer(cfg)
     fit_cutoff_len(cfg, ModelConfig.from_file(Path(cfg.model_name_or_path) / "config.json"))
     examples = [ex for spec in resolve_datasets(cfg.datasets, cfg.dataset_dir)
                 for ex in load_sft(spec, cfg.max_samples).examples]
-    data = prepare_sft(examples, tok, cfg.template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
+    data = prepare_sft(examples, tok, cfg.chat_template, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, seed=cfg.seed)
     main = distributed.is_main()
     if main:
         print(f"data: {data.report.summary()}")
+    if cfg.eval_datasets:  # held-out sets named in the config, instead of a val_size split of the training data
+        held = [ex for spec in resolve_datasets(cfg.eval_datasets, cfg.dataset_dir)
+                for ex in load_sft(spec, cfg.max_samples).examples]
+        evaluation = prepare_sft(held, tok, cfg.chat_template, cutoff_len=cfg.cutoff_len, seed=cfg.seed)
+        data.val = evaluation.train
+        if main:
+            print(f"eval_dataset: {evaluation.report.summary()}")
     model, tok = load_for_training(cfg, tok, n_train=len(data.train))
     hooks = training_hooks(model, cfg)
     result = train(model, data.train, cfg, val_data=data.val or None, collate=PaddingCollator(tok), tokenizer=tok,
@@ -143,14 +166,23 @@ def run_train(cfg: TrainConfig):
 def run_preference(cfg: TrainConfig):
     """stage rm / dpo (lessons 10, 12) on {"prompt", "chosen", "rejected"} data. rm: the model plus a value
     head, saved as the model folder + value_head.safetensors. dpo: the model (full or LoRA) against itself
-    before training as the reference (pref_beta, pref_loss, dpo_label_smoothing)."""
+    before training as the reference (pref_beta, pref_loss, dpo_label_smoothing, pref_ftx; ref_model), or with
+    pref_loss orpo / simpo no reference at all. kto: run_kto."""
+    if cfg.stage == "kto":
+        return run_kto(cfg)
+    if cfg.ref_model and cfg.pref_loss in REFERENCE_FREE:
+        print(f"note: ref_model is not used: pref_loss {cfg.pref_loss} needs no reference model", file=sys.stderr)
     model, tok = load_for_training(cfg)
     specs = resolve_datasets(cfg.datasets, cfg.dataset_dir)
     if len(specs) == 1 and specs[0].formatting is None and cfg.max_samples is None:
         records = specs[0].file  # a plain file: prepare_pairs names its lines in what it reports
     else:
         records = [rec for spec in specs for rec in load_pair_records(spec, cfg.max_samples)]
-    data = prepare_pairs(records, tok, cfg.template, cfg.cutoff_len, cfg.val_size, cfg.seed)
+    data = prepare_pairs(records, tok, cfg.chat_template, cfg.cutoff_len, cfg.val_size, cfg.seed)
+    if cfg.eval_datasets:  # held-out pairs named in the config, instead of a val_size split
+        held = [rec for spec in resolve_datasets(cfg.eval_datasets, cfg.dataset_dir)
+                for rec in load_pair_records(spec, cfg.max_samples)]
+        data.val = prepare_pairs(held, tok, cfg.chat_template, cfg.cutoff_len, 0, cfg.seed).train
     main = distributed.is_main()
     if main:
         print(f"data: {data.report.summary()}" + "".join(f"\n  {n}" for n in data.report.notes))
@@ -159,11 +191,16 @@ def run_preference(cfg: TrainConfig):
     if cfg.stage == "rm":
         rm = RewardModel(model)
         result = train_reward_model(rm, data, cfg, tok)
-        if main:
+        if main and cfg.finetuning_type == "lora":  # the adapter and the value head (LLaMA-Factory's layout)
+            saved = save_trained(model, tok, cfg) + f" with {save_value_head(rm, cfg.output_dir).name}"
+        elif main:
             save_reward_model(rm, tok, cfg.output_dir)
             saved = f"reward model saved to {cfg.output_dir}"
     else:
-        result = train_dpo(model, data, cfg, tok)
+        if cfg.pref_loss in REFERENCE_FREE:  # rlhf/orpo.py, rlhf/simpo.py: no reference log-probs to compute
+            result = (train_orpo if cfg.pref_loss == "orpo" else train_simpo)(model, data, cfg, tok)
+        else:
+            result = train_dpo(model, data, cfg, tok, reference=load_reference(cfg))
         if main:
             saved = save_trained(model, tok, cfg)
     if main:
@@ -176,12 +213,71 @@ def run_preference(cfg: TrainConfig):
         torch.distributed.destroy_process_group()
 
 
+def load_reference(cfg: TrainConfig):
+    """LLaMA-Factory's ref_model: a separate frozen reference for dpo / kto; None: the model before training."""
+    if not cfg.ref_model:
+        return None
+    return minitune.load_model(cfg.ref_model, device="cpu", dtype=torch.float32).requires_grad_(False)
+
+
+def run_kto(cfg: TrainConfig):
+    """stage kto (rlhf/kto.py) on unpaired replies with a boolean label (data/kto.py; LLaMA-Factory's kto_tag
+    column): the model (full or LoRA) against itself before training, or ref_model, as the reference."""
+    def examples(names):
+        return [ex for spec in resolve_datasets(names, cfg.dataset_dir)
+                for ex in read_kto(spec.file, lambda rec, spec=spec: normalize_kto(rec, spec), cfg.max_samples)]
+
+    model, tok = load_for_training(cfg)
+    data = prepare_kto(examples(cfg.datasets), tok, cfg.chat_template, cfg.cutoff_len, cfg.val_size, cfg.seed)
+    if cfg.eval_datasets:  # held-out replies named in the config, instead of a val_size split
+        data.val = prepare_kto(examples(cfg.eval_datasets), tok, cfg.chat_template, cfg.cutoff_len).train
+    main = distributed.is_main()
+    if main:
+        print(f"data: {data.summary()}")
+    if not data.train:
+        raise UserError("no usable KTO examples left (see the counts above)")
+    result = train_kto(model, data, cfg, tok, reference=load_reference(cfg))
+    if main:
+        saved = save_trained(model, tok, cfg)
+        shown = {k: round(v, 4) for k, v in result.metrics.get(result.global_step, {}).items()}
+        print(f"kto: trained {result.steps_text} in {result.runtime_s:.1f} s; last step {shown}; {saved}"
+              + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_pretrain(cfg: TrainConfig):
+    """stage pt (data/pretrain.py): next-token loss on every token of raw text packed into cutoff_len blocks
+    (.txt lines, or the `text` field / the column `columns.prompt` names of JSON / JSONL records)."""
+    tok = training_tokenizer(cfg)
+    fit_cutoff_len(cfg, ModelConfig.from_file(Path(cfg.model_name_or_path) / "config.json"))
+    def texts(names):
+        return [t for spec in resolve_datasets(names, cfg.dataset_dir)
+                for t in read_texts(spec.file, spec.columns.get("prompt", "text"), cfg.max_samples)]
+
+    data = prepare_pretrain(texts(cfg.datasets), tok, cfg.cutoff_len, cfg.val_size, cfg.seed)
+    if cfg.eval_datasets:  # held-out text named in the config, instead of a val_size split
+        data.val = prepare_pretrain(texts(cfg.eval_datasets), tok, cfg.cutoff_len).train
+    main = distributed.is_main()
+    if main:
+        print(f"data: {data.summary()}")
+    model, tok = load_for_training(cfg, tok, n_train=len(data.train))
+    result = train(model, data.train, cfg, val_data=data.val or None, collate=PaddingCollator(tok), tokenizer=tok,
+                   **training_hooks(model, cfg))
+    if main:
+        saved = save_trained(model, tok, cfg)
+        print(f"pt: trained {result.steps_text} in {result.runtime_s:.1f} s; {saved}"
+              + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
     """ppo / grpo prompts: each example's conversation up to its last reply, rendered with the
     template and the assistant header; prompts that leave no room for max_new_tokens are skipped.
     rule(prompt ids, response ids): a reward rule, tried on every prompt here (with an empty reply) so
     that one it cannot read stops the run now, naming the example, not when a batch first draws it."""
-    template, prompts, skipped = get_template(cfg.template), [], 0
+    template, prompts, skipped = cfg.chat_template, [], 0
     for spec in resolve_datasets(cfg.datasets, cfg.dataset_dir):
         path = spec.file
         for i, messages in enumerate(load_sft(spec, cfg.max_samples).examples):
@@ -223,7 +319,7 @@ def run_rl(cfg: TrainConfig):
         reward = load_reward_model(cfg.reward_model, device=device)[0]
     else:
         # the rule reads the user's message, which it finds by the prompts' template
-        reward = rlhf.text_reward(preference_score if cfg.stage == "ppo" else rlhf.arithmetic_reward, tok, stops, cfg.template)
+        reward = rlhf.text_reward(preference_score if cfg.stage == "ppo" else rlhf.arithmetic_reward, tok, stops, cfg.chat_template)
     prompts = rl_prompts(cfg, tok, None if cfg.reward_model else reward)
     mini = cfg.per_device_train_batch_size
     batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
@@ -267,11 +363,11 @@ def run_rl(cfg: TrainConfig):
 # llamafactory-cli chat / export config keys -> `minitune chat` / `generate` flags (dest names)
 INFERENCE_KEYS = {"model_name_or_path": "model", "adapter_name_or_path": "adapter", "template": "template",
                   "default_system": "system", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
-                  "top_p": "top_p", "top_k": "top_k"}
+                  "top_p": "top_p", "top_k": "top_k", "enable_thinking": "enable_thinking"}
 INFERENCE_NOTED = {"finetuning_type": "the adapter folder says which method it holds",
                    "infer_backend": "minitune has one backend, its own generate loop",
                    "trust_remote_code": "minitune runs no code from a model folder",
-                   "infer_dtype": "use --dtype", "enable_thinking": "not read yet by minitune chat"}
+                   "infer_dtype": "use --dtype"}
 
 
 def settings_from_file(path, verb: str, keys: dict, noted_keys: dict) -> dict:
@@ -345,12 +441,24 @@ def run_command(argv=None):
     ep.add_argument("--export_device", default="cpu", help="cpu | auto (where the merge runs)")
     ep.add_argument("--export_legacy_format", type=lambda v: v.lower() == "true", default=False,
                     help="false: safetensors (true, pickled .bin, is refused)")
+    vp = sub.add_parser("eval", help="score a model on MMLU / CMMLU / C-Eval folders, or a text's perplexity",
+                        description="Like llamafactory-cli eval: few-shot multiple choice (scorer letter, as "
+                                    "LLaMA-Factory; scorer loglik, as lm-evaluation-harness), or task ppl.")
+    eval_args(vp)
     args, unknown = parser.parse_known_args(argv)
     if args.command != "train" and args.config:  # the file's settings become defaults; flags given still win
-        keys = (EXPORT_KEYS, EXPORT_NOTED) if args.command == "export" else (INFERENCE_KEYS, INFERENCE_NOTED)
-        {"generate": gp, "chat": cp, "export": ep}[args.command].set_defaults(
+        keys = {"export": (EXPORT_KEYS, EXPORT_NOTED), "eval": (EVAL_KEYS, EVAL_NOTED)}.get(
+            args.command, (INFERENCE_KEYS, INFERENCE_NOTED))
+        {"generate": gp, "chat": cp, "export": ep, "eval": vp}[args.command].set_defaults(
             **settings_from_file(args.config, args.command, *keys))
         args, unknown = parser.parse_known_args(argv)
+    if args.command == "eval":  # minitune/eval/run.py: MMLU / CMMLU / C-Eval folders, or task ppl
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if not args.model:
+            parser.error("eval: a model is needed: --model, or model_name_or_path in a config file")
+        run_eval(args)
+        return
     if args.command == "export":
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -5,9 +5,12 @@ into the base for inference).
     W = W0 + s * B A        for every adapted layer (LoRALinear.merge, SVDLinear.merge)
 
 The merged folder loads in transformers (or `minitune.load_pretrained`) with no adapter code and gives
-the adapted model's outputs. A QLoRA adapter is merged into the full-precision base, not the 4-bit one:
-the 4-bit weights were only ever a frozen copy of it. Soft prompts and bottleneck adapters add
-computation rather than a weight delta, so there is nothing to fold: they are refused.
+the adapted model's outputs. Whole modules trained beside LoRA (PEFT's modules_to_save, LLaMA-Factory's
+`additional_target`) come in with the adapter and replace the base's (peft/modules_to_save.py); a tied
+head trained that way is written as its own matrix (tie_word_embeddings false). A QLoRA adapter is
+merged into the full-precision base, not the 4-bit one: the 4-bit weights were only ever a frozen copy of
+it. Soft prompts and bottleneck adapters add computation rather than a weight delta, so there is nothing
+to fold: they are refused.
 
 Keys (LLaMA-Factory's names): model_name_or_path, adapter_name_or_path, export_dir, export_size (GB per
 safetensors shard, default 5), export_device (cpu | auto), export_legacy_format (false only: minitune

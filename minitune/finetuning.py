@@ -16,21 +16,32 @@ from pathlib import Path
 from . import peft
 from .peft.adalora import SVDLinear, ranks
 from .peft.adapter_io import METHOD_FILE, METHOD_KEYS, METHOD_WEIGHTS  # noqa: F401  (their home is peft)
-from .peft.lora import LoRALinear
+from .peft.lora import LoRALinear, lora_layers
 from .train.checkpoint import save_final
-from .train.config import PEFT_TYPES, TrainConfig
+from .train.config import PEFT_TYPES, TrainConfig, TrainConfigError
 from .train.trainer import causal_lm_loss
 
 
 def apply_finetuning_type(model, cfg: TrainConfig, tok=None, total_steps: int | None = None):
     """Freeze `model` and add what cfg.finetuning_type trains (lessons 06-08); returns the model to
     train: the same object (LoRA, AdaLoRA, adapters) or a wrapper around it (prefix, prompt, ptuning).
+    With `additional_target` (lora / qlora) the modules it names train whole beside LoRA and are saved
+    with the adapter (minitune/peft/modules_to_save.py; a tied head named there gets its own copy).
     With `trainable_tokens` those rows of the embedding (and of a head tied to it) train as well
     (minitune/peft/trainable_tokens.py); token strings are looked up in `tok`, digits are ids.
     total_steps: the optimizer steps the run will take (trainer.planned_steps); AdaLoRA's rank
     schedule is planned over them, so adalora needs it (as PEFT's AdaLoraConfig needs total_step)."""
     model = add_method(model, cfg, tok, total_steps)
+    if cfg.additional_targets:  # lora / qlora: whole modules train too (PEFT's modules_to_save)
+        try:
+            model = peft.apply_modules_to_save(model, cfg.additional_targets, lora_names=list(lora_layers(model)))
+        except ValueError as e:
+            raise TrainConfigError(f"additional_target: {e}") from None
     if cfg.trainable_tokens:
+        emb = model.model.embed_tokens if cfg.additional_targets else None
+        if emb is not None and emb.weight.requires_grad:  # PEFT refuses both on one module as well
+            raise TrainConfigError("trainable_tokens: the embedding trains whole already (additional_target); "
+                                   "drop one of the two")
         model = peft.apply_trainable_tokens(model, peft.token_ids(tok, cfg.trainable_tokens))
     return model
 
@@ -87,7 +98,8 @@ def training_hooks(model, cfg: TrainConfig) -> dict:
 
 def merge_and_unload(model):
     """Fold every LoRA / AdaLoRA update into its base weight and put the plain nn.Linear back, so the
-    model saves as an ordinary checkpoint (LLaMA-Factory's `export`). Outputs do not change."""
+    model saves as an ordinary checkpoint (LLaMA-Factory's `export`). Outputs do not change. Whole trained
+    modules (modules_to_save) need nothing: they trained in place, so they are the model's weights already."""
     for name, m in list(model.named_modules()):
         if isinstance(m, (LoRALinear, SVDLinear)):
             m.merge()  # W0 += the layer's delta_weight()

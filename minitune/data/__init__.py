@@ -3,6 +3,8 @@
 - ``templates``: how each model family lays out a conversation, as (text, trainable) segments.
 - ``formats``: Alpaca / ShareGPT / OpenAI / preference JSON and JSONL to lists of messages.
 - ``dataset``: messages to ``input_ids`` + ``labels`` (-100 off the replies), splits, batches.
+- ``kto``: unpaired replies labelled desirable / undesirable (stage kto), with their mismatched pairs.
+- ``pretrain``: raw text, EOS-ended documents packed into cutoff_len blocks (stage pt).
 """
 from .dataset import (IGNORE_INDEX, DataReport, PaddingCollator, PreferenceCollator, SFTData,
                       encode_segments, pack, prepare_sft, show_loss_mask, split_train_val,

@@ -10,7 +10,10 @@ Every reader normalises a record to a list of ``{"role", "content"}`` messages (
   Alpaca template can print its "### Input:" block (other templates append it to the text).
 - ShareGPT (ShareGPT.com dumps, used by Vicuna)::
     {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}], "system": "..."}
-  ``from`` may also be ``user`` / ``assistant``.
+  ``from`` may also be ``user`` / ``assistant``. Tool calls (LLaMA-Factory's glaive_toolcall layout):
+  ``function_call`` turns (JSON ``{"name", "arguments"}``, or a list) in a reply's place, ``observation``
+  turns (the tool's answer) in a user turn's, and ``"tools"`` (JSON text or a list of function
+  signatures); the tools ride on the conversation's first message, under ``"tools"``.
 - OpenAI chat (the fine-tuning API format)::
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}
 (Preference pairs for DPO / reward models are read by ``minitune.data.preference``.)
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import UserError
-from .templates import check_roles
+from .templates import check_roles, parse_tool_calls, parse_tools
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +149,17 @@ def check_conversation(messages: list[dict], need_reply: bool = True) -> list[di
         check_roles(messages)
     except ValueError as e:
         raise RecordError(str(e)) from None
-    if need_reply and messages[-1]["role"] != "assistant":
-        raise RecordError("conversation ends with a user message, so it has no reply to train on")
+    if need_reply and messages[-1]["role"] not in ("assistant", "function_call"):
+        last = "an observation" if messages[-1]["role"] == "observation" else "a user message"
+        raise RecordError(f"conversation ends with {last}, so it has no reply to train on")
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise RecordError(f"message {i} (assistant) is empty")
+        if m["role"] in ("assistant", "function_call") and not m["content"].strip():
+            raise RecordError(f"message {i} ({m['role']}) is empty")
+        if m["role"] == "function_call":
+            try:
+                parse_tool_calls(m["content"])
+            except ValueError as e:
+                raise RecordError(f"message {i}: {e}") from None
     return messages
 
 
@@ -176,7 +185,7 @@ def parse_alpaca(rec: dict) -> list[dict]:
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+                  "system": "system", "function_call": "function_call", "observation": "observation"}
 
 
 def _message_list(rec: dict, key: str, fmt: str) -> list:
@@ -203,7 +212,14 @@ def parse_sharegpt(rec: dict) -> list[dict]:
             raise RecordError(f"conversation turn {i}: unknown speaker {turn['from']!r} "
                        f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         messages.append({"role": role, "content": turn["value"]})
-    return check_conversation(messages)
+    check_conversation(messages)
+    try:
+        tools = parse_tools(rec.get("tools"))
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    if tools:
+        messages[0]["tools"] = tools
+    return messages
 
 
 def parse_openai(rec: dict, need_reply: bool = True) -> list[dict]:

@@ -11,7 +11,7 @@ are laid out:
                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
 
 `columns` maps the registry's canonical names (prompt, query, response, history, system, messages,
-chosen, rejected) to the record's own keys; `tags` does the same for the keys and speaker names
+chosen, rejected, kto_tag: the boolean label of stage kto's unpaired data) to the record's own keys; `tags` does the same for the keys and speaker names
 inside a ShareGPT turn (role_tag "from", content_tag "value", user_tag "human", assistant_tag "gpt",
 system_tag "system"). `normalize` rewrites each record into the layout minitune's parsers read
 (formats.py: Alpaca `instruction/input/output`, ShareGPT `conversations` of `from/value`;
@@ -32,7 +32,8 @@ INFO_FILE = "dataset_info.json"
 # LLaMA-Factory's defaults (its data/README.md), per formatting
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
                   "system": "system", "chosen": "chosen", "rejected": "rejected"}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "chosen": "chosen", "rejected": "rejected"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools", "chosen": "chosen",
+                    "rejected": "rejected"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 UNSUPPORTED_SOURCES = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -113,7 +114,8 @@ def _get(rec: dict, spec: DatasetSpec, canonical: str, defaults: dict, required:
 
 def _sharegpt_turns(turns, spec: DatasetSpec, where: str) -> list[dict]:
     tags = {**SHAREGPT_TAGS, **spec.tags}
-    roles = {tags["user_tag"]: "human", tags["assistant_tag"]: "gpt", tags["system_tag"]: "system"}
+    roles = {tags["user_tag"]: "human", tags["assistant_tag"]: "gpt", tags["system_tag"]: "system",
+             tags["observation_tag"]: "observation", tags["function_tag"]: "function_call"}  # tool-call turns
     if not isinstance(turns, list):
         raise RecordError(f"{where} must be a list of turns")
     out = []
@@ -121,8 +123,6 @@ def _sharegpt_turns(turns, spec: DatasetSpec, where: str) -> list[dict]:
         if not isinstance(turn, dict) or tags["role_tag"] not in turn or tags["content_tag"] not in turn:
             raise RecordError(f"{where} turn {i} needs {tags['role_tag']!r} and {tags['content_tag']!r} (tags)")
         role = turn[tags["role_tag"]]
-        if role in (tags["observation_tag"], tags["function_tag"]):
-            raise RecordError(f"{where} turn {i}: tool-call turns ({role!r}) are not supported yet")
         if role not in roles:
             raise RecordError(f"{where} turn {i}: speaker {role!r} is none of the tags {sorted(roles)}")
         out.append({"from": roles[role], "value": turn[tags["content_tag"]]})
@@ -150,8 +150,10 @@ def normalize(rec: dict, spec: DatasetSpec) -> dict:
     turns = _sharegpt_turns(_get(rec, spec, "messages", SHAREGPT_COLUMNS), spec, "messages")
     system = _get(rec, spec, "system", SHAREGPT_COLUMNS, required=False)
     if not spec.ranking:
-        return {"conversations": turns, **({"system": system} if system else {})}
-    role = {"human": "user", "gpt": "assistant", "system": "system"}
+        tools = _get(rec, spec, "tools", SHAREGPT_COLUMNS, required="tools" in spec.columns)
+        return {"conversations": turns, **({"system": system} if system else {}), **({"tools": tools} if tools else {})}
+    role = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "function_call",
+            "observation": "observation"}
     prompt = ([{"role": "system", "content": system}] if system else []) + \
              [{"role": role[t["from"]], "content": t["value"]} for t in turns]
     tags = {**SHAREGPT_TAGS, **spec.tags}
@@ -160,6 +162,16 @@ def normalize(rec: dict, spec: DatasetSpec) -> dict:
         reply = _get(rec, spec, key, SHAREGPT_COLUMNS)
         replies[key] = reply[tags["content_tag"]] if isinstance(reply, dict) and tags["content_tag"] in reply else reply
     return {"prompt": prompt, **replies}
+
+
+def normalize_kto(rec: dict, spec: DatasetSpec) -> dict:
+    """A KTO record (stage kto, data/kto.py): normalize's layout plus "label", read from the field that
+    `columns.kto_tag` names (kto_en_demo: "label"), the boolean that says whether the reply is desirable."""
+    out = normalize(rec, spec)
+    key = spec.columns.get("kto_tag", "label")
+    if spec.formatting is not None and isinstance(rec, dict) and key in rec:
+        out = {**out, "label": rec[key]}
+    return out
 
 
 def load_sft(spec: DatasetSpec, max_samples: int | None = None) -> Loaded:

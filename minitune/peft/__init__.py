@@ -2,6 +2,7 @@
 
     targets.py         the floor: which linear layers, replace_module, count_parameters
     adapter_files.py   PEFT's adapter folder format;  trainable_tokens.py  trained embedding rows
+    modules_to_save.py whole modules trained beside LoRA (PEFT's modules_to_save, LLaMA-Factory's additional_target)
     lora.py (+ lora_backward.py)  qlora.py (LoRA over a 4-bit base)  adalora.py  adapter.py  prefix.py  prompt.py
     adapter_io.py      save_adapter / load_adapter for every method, dispatching on the folder
 """
@@ -49,3 +50,5 @@ from .trainable_tokens import apply_trainable_tokens
 from .trainable_tokens import token_ids
 from .trainable_tokens import trainable_tokens_num_params
 from .trainable_tokens import unload_trainable_tokens
+from .modules_to_save import apply_modules_to_save
+from .modules_to_save import modules_to_save_num_params

@@ -62,8 +62,9 @@ def read_adapter_dir(path) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
     return cfg_file, config, w_file, tensors
 
 
-# config fields minitune cannot honour: loading would silently give a different model
-UNSUPPORTED = dict(use_dora=False, lora_bias=False, fan_in_fan_out=False, modules_to_save=None, rank_pattern={},
+# config fields minitune cannot honour: loading would silently give a different model (modules_to_save is
+# honoured by LoRA: modules_to_save.py)
+UNSUPPORTED = dict(use_dora=False, lora_bias=False, fan_in_fan_out=False, rank_pattern={},
                    alpha_pattern={}, layers_to_transform=None, exclude_modules=None, layer_replication=None,
                    target_parameters=None, alora_invocation_tokens=None)
 

@@ -13,7 +13,8 @@ The folder says what it holds:
                                                        method's settings and its trainable tensors
 
 Trainable token rows come back with either (PEFT's trainable_token_indices; the minitune file's key of
-that name). Loading checks every name and shape against the model; a misfit is an AdapterError.
+that name), and whole trained modules with a LoRA adapter (PEFT's modules_to_save: modules_to_save.py).
+Loading checks every name and shape against the model; a misfit is an AdapterError.
 """
 
 import json
@@ -80,6 +81,9 @@ def load_adapter(model, path):
     if kind == "LORA":
         return lora.from_peft(model, cfg_file, config, w_file, tensors)
     if kind == "ADALORA":
+        if config.get("modules_to_save"):  # whole trained modules are read beside LoRA only (modules_to_save.py)
+            raise AdapterError(f"{cfg_file}: modules_to_save={config['modules_to_save']!r} with AdaLoRA is not "
+                               "supported by minitune (it reads them in LoRA adapters)")
         return adalora.from_peft(model, cfg_file, config, w_file, tensors)
     raise AdapterError(f"{cfg_file}: peft_type {kind!r} is not a LoRA adapter (minitune reads LORA and ADALORA)")
 

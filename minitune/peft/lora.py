@@ -24,6 +24,7 @@ import torch.nn as nn
 from .adapter_files import (PEFT_PREFIX, UNSUPPORTED, AdapterError, check_modules, check_shape, check_supported,
                             read_token_rows, split_peft_name)
 from .lora_backward import LoRAFunction
+from .modules_to_save import add_peft_modules, load_peft_modules, read_peft_modules
 from .targets import count_parameters, match_targets, replace_module, target_modules_for_config
 from .trainable_tokens import add_peft_rows, load_rows
 
@@ -216,6 +217,7 @@ def to_peft(model: nn.Module, base_model_name_or_path: str | None = None) -> tup
                   base_model_name_or_path=base_model_name_or_path)
     tensors = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
     add_peft_rows(model, config, tensors)  # trainable token rows, if any: trainable_token_indices + their rows
+    add_peft_modules(model, config, tensors)  # whole trained modules, if any: modules_to_save + their tensors
     return config, tensors
 
 
@@ -231,6 +233,10 @@ def from_peft(model: nn.Module, cfg_file, config: dict, w_file, tensors: dict) -
         raise AdapterError(f"{cfg_file}: no target_modules")
     names = match_targets(model, targets, source=f"{cfg_file}: ")
     tokens = read_token_rows(model, cfg_file, config, w_file, tensors)
+    try:  # modules_to_save: whole modules' tensors, taken out of `tensors` (modules_to_save.py)
+        modules = read_peft_modules(model, config, tensors, lora_names=names)
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file} / {w_file.name}: {e}") from None
     by_module = {}
     for key, t in tensors.items():
         module, part = split_peft_name(w_file, key, ("lora_A.weight", "lora_B.weight"))
@@ -255,4 +261,6 @@ def from_peft(model: nn.Module, cfg_file, config: dict, w_file, tensors: dict) -
             layer.lora_B.weight.copy_(by_module[name]["lora_B.weight"][1])
     if tokens is not None:
         load_rows(model, *tokens)
+    if modules is not None:
+        load_peft_modules(model, *modules, lora_names=names)
     return model

@@ -30,6 +30,9 @@ from safetensors.torch import load_file
 import minitune
 
 from ..model.checkpoint import save_safetensors
+from ..peft.adapter_files import AdapterError
+from ..peft.adapter_files import read_adapter_dir
+from ..peft.adapter_io import load_adapter
 from ..train import train
 from ..train.checkpoint import save_final
 from .pairs import PairCollator, PairData, PairReport, prepare_pairs, stack_pairs  # noqa: F401 (re-exported)
@@ -44,6 +47,7 @@ __all__ = [
     "train_reward_model",
     "score_pairs",
     "save_reward_model",
+    "save_value_head",
     "load_reward_model",
     "VALUE_HEAD_FILE",
 ]
@@ -215,21 +219,38 @@ def score_pairs(rm: RewardModel, features: list[dict], tokenizer, batch_size: in
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> Path:
-    """The backbone as a normal checkpoint in `out_dir` (beside a training log, which stays) plus
-    value_head.safetensors (TRL's file name for the same thing)."""
-    out = save_final(rm.backbone, tokenizer, out_dir)
+def save_value_head(rm: RewardModel, out_dir) -> Path:
+    """value_head.safetensors (TRL's file name for the same thing) in `out_dir`: weight [1, H], bias [1]."""
+    out = Path(out_dir)
     save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in rm.value_head.state_dict().items()},
                      out / VALUE_HEAD_FILE, metadata={"format": "pt"})
+    return out / VALUE_HEAD_FILE
+
+
+def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> Path:
+    """The backbone as a normal checkpoint in `out_dir` (beside a training log, which stays) plus
+    value_head.safetensors. (With LoRA, `minitune train` saves the adapter instead of the backbone,
+    beside the same value head file, as LLaMA-Factory's reward stage does.)"""
+    out = save_final(rm.backbone, tokenizer, out_dir)
+    save_value_head(rm, out)
     return out
 
 
 def load_reward_model(path, device="cpu", dtype=None) -> tuple[RewardModel, object]:
-    """(RewardModel, tokenizer) from a folder written by save_reward_model."""
+    """(RewardModel, tokenizer) from a folder written by save_reward_model, or from a LoRA reward model's
+    folder (adapter_config.json + value head): its base model (adapter_config's base_model_name_or_path)
+    with the adapter on it."""
     path = Path(path)
     if not (path / VALUE_HEAD_FILE).exists():
         raise FileNotFoundError(f"{path}: no {VALUE_HEAD_FILE}; is this a reward model saved by save_reward_model?")
-    backbone, tok = minitune.load_pretrained(path, device=device, dtype=dtype)
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        base = read_adapter_dir(path)[1].get("base_model_name_or_path")
+        if not base:
+            raise AdapterError(f"{path / 'adapter_config.json'}: no base_model_name_or_path to put the adapter on")
+        backbone = load_adapter(minitune.load_pretrained(base, device=device, dtype=dtype)[0], path)
+        tok = minitune.load_tokenizer(path)
+    else:
+        backbone, tok = minitune.load_pretrained(path, device=device, dtype=dtype)
     rm = RewardModel(backbone).to(device)
     rm.value_head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
     return rm, tok

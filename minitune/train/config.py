@@ -18,16 +18,19 @@ learning rate <= 0, bf16 and fp16 together), naming the source and the key. Read
 the command-line values into it is config_file.py (`load_config`).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
-from ..data.templates import TEMPLATES
+from ..data.templates import TEMPLATES, Template, ThinkingTemplate
 from ..errors import UserError
+from .fsdp import parse_fsdp, read_deepspeed
 
-STAGES = ("sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")  # LLaMA-Factory's names; the CLI says which exist yet
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")
 PEFT_TYPES = ("lora", "qlora", "adalora", "adapter", "prefix", "prompt", "ptuning")  # lessons 06-09, minitune.peft
 SCHEDULERS = ("cosine", "linear", "constant")
-PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # stage dpo: minitune.rlhf.dpo.DPO_LOSS_TYPES
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")  # stage dpo: rlhf/dpo.py DPO_LOSS_TYPES, orpo.py, simpo.py
+REFERENCE_FREE = ("orpo", "simpo")  # pref_loss values that use no reference model
 
 
 class TrainConfigError(UserError):
@@ -37,7 +40,7 @@ class TrainConfigError(UserError):
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "sft"  # training stage: sft | rm | dpo | ppo | grpo (kto: a name only, not trained yet)
+    stage: str = "sft"  # training stage: pt (raw text) | sft | rm | dpo | kto | ppo | grpo
     finetuning_type: str = "full"  # which weights train: full | lora | qlora | adalora | adapter | prefix | prompt | ptuning
     quantization_bit: int | None = None  # 4: the frozen base stored in NF4 while it loads (lora then means qlora)
     quantization_method: str = "bnb"  # with quantization_bit: bnb (bitsandbytes' NF4, what minitune.quant computes)
@@ -48,6 +51,10 @@ class TrainConfig:
     dataset_dir: str = "data"  # where dataset_info.json registers data sets by name (minitune/data/registry.py)
     max_samples: int | None = None  # read at most this many examples of each data set (None: all)
     val_size: float = 0.0  # held-out fraction (< 1) or count for the evaluation loss
+    eval_dataset: str | list[str] | None = None  # data sets (names or files) for the evaluation loss, instead of val_size
+    mix_strategy: str = "concat"  # several data sets: concat joins them in order (LLaMA-Factory's default)
+    default_system: str | None = None  # system prompt for conversations without one (None: the template's own)
+    enable_thinking: bool = True  # qwen3 template: false trains answers without a reasoning block (LLaMA-Factory's)
     # optimisation
     learning_rate: float = 5e-5  # peak learning rate of AdamW
     num_train_epochs: float = 3.0  # passes over the training data
@@ -74,6 +81,9 @@ class TrainConfig:
     save_total_limit: int | None = None  # keep only the newest N checkpoint-* folders (None: all)
     seed: int = 42  # seeds python, numpy and torch; also the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # sharding over the torchrun processes (train/fsdp.py, lesson 14); sft with full / freeze / lora
+    fsdp: str | list[str] | None = None  # full_shard (ZeRO-3) | shard_grad_op (ZeRO-2), optionally + offload: "full_shard offload" (HF TrainingArguments' names)
+    deepspeed: str | None = None  # a DeepSpeed JSON config (LLaMA-Factory's ds_z3_config.json): ZeRO stage 2 / 3 run as fsdp shard_grad_op / full_shard
     # parameter-efficient fine-tuning (finetuning_type other than full; minitune/peft, lessons 06-08)
     lora_rank: int = 8  # LoRA rank r
     lora_alpha: float | None = None  # LoRA / AdaLoRA alpha (None: 2 x the rank, as LLaMA-Factory)
@@ -96,6 +106,7 @@ class TrainConfig:
     prompt_tuning_init_text: str | None = None  # prompt: start the soft prompt from this text's embeddings
     export_dir: str | None = None  # lora / adalora: also write the merged full model here
     trainable_tokens: str | list[str] | None = None  # PEFT types, sft: also train these embedding rows (and a tied lm_head's), tokens or ids, e.g. "<|im_start|>,<|im_end|>"
+    additional_target: str | list[str] | None = None  # lora / qlora: also train these whole modules, saved with the adapter (PEFT's modules_to_save), e.g. embed_tokens,lm_head
     # RLHF by reinforcement learning (stage ppo / grpo; minitune/rlhf, lessons 11 and 13)
     reward_model: str | None = None  # ppo / grpo: reward model folder (None: ppo the tiny world's preference rule, grpo the arithmetic check)
     ppo_epochs: int = 4  # ppo: passes over each rollout batch
@@ -105,8 +116,13 @@ class TrainConfig:
     num_generations: int = 8  # grpo: responses sampled per prompt (the group)
     # preference optimisation (stage rm / dpo; minitune/rlhf, lessons 10 and 12)
     pref_beta: float = 0.1  # dpo: beta, how tightly the policy is tied to the reference (larger: tighter)
-    pref_loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo | hinge
+    pref_loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo | hinge | orpo | simpo (the last two without a reference)
     dpo_label_smoothing: float = 0.0  # dpo: assumed rate eps of flipped labels, in [0, 0.5) (cDPO; sigmoid only)
+    pref_ftx: float = 0.0  # dpo: weight of an SFT term on the chosen reply (-log p per token) added to the loss
+    simpo_gamma: float = 0.5  # dpo with pref_loss simpo: the target reward margin gamma
+    kto_chosen_weight: float = 1.0  # kto: weight lambda_D of the desirable replies' loss
+    kto_rejected_weight: float = 1.0  # kto: weight lambda_U of the undesirable replies' loss
+    ref_model: str | None = None  # dpo / kto: reference model folder (None: the model before training)
 
     def __post_init__(self):
         self.validate()
@@ -146,6 +162,10 @@ class TrainConfig:
             bad("template", f"unknown chat template {self.template!r} (known: {', '.join(TEMPLATES)})")
         if self.bf16 and self.fp16:
             bad("bf16", "bf16 and fp16 are both true; pick one mixed-precision dtype")
+        if self.mix_strategy != "concat":  # interleave_under / interleave_over sample across the sets
+            bad("mix_strategy", f"{self.mix_strategy!r}: only concat is implemented (the data sets joined in order)")
+        if self.eval_dataset and self.val_size:
+            bad("eval_dataset", f"and val_size {self.val_size} both set; the evaluation data is one or the other")
         self.validate_preference(bad)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps"):
@@ -163,6 +183,34 @@ class TrainConfig:
             if getattr(self, key) and not self.output_dir:
                 bad(key, "needs an output_dir (where the picture / the checkpoints are)")
         self.validate_peft(bad)
+        self.validate_sharding(bad)
+
+    def validate_sharding(self, bad):
+        """fsdp / deepspeed (train/fsdp.py): known options; a DeepSpeed file is read and becomes the fsdp
+        option it equals (the trainer prints a note saying so). What sharding does not cover yet is refused."""
+        key = "fsdp"
+        if self.deepspeed:
+            key = "deepspeed"
+            try:
+                option, _ = read_deepspeed(self.deepspeed)
+            except ValueError as e:
+                bad("deepspeed", str(e))
+            if self.fsdp and parse_fsdp(self.fsdp) != parse_fsdp(option):
+                bad("fsdp", f"{self.fsdp!r} and deepspeed {self.deepspeed} (= fsdp {option!r}) disagree; set one")
+            self.fsdp = option
+        try:
+            sharding = parse_fsdp(self.fsdp)
+        except ValueError as e:
+            bad(key, str(e))
+        if sharding is None:
+            return
+        if self.stage != "sft" or self.finetuning_type not in ("full", "freeze", "lora"):
+            bad(key, f"sharding runs stage sft with finetuning_type full, freeze or lora; not yet stage "
+                     f"{self.stage} with {self.finetuning_type}")
+        if self.fp16:
+            bad(key, "fp16 with sharding is not supported (its loss scaler would need sharded gradients); use bf16")
+        if self.trainable_tokens:
+            bad(key, "trainable_tokens with sharding is not implemented yet")
 
     def validate_peft(self, bad):
         """The parameter-efficient settings (only those the chosen finetuning_type reads are checked)."""
@@ -195,6 +243,19 @@ class TrainConfig:
                                     "adapter off would keep the trained rows)")
         if self.export_dir and ft not in ("lora", "adalora"):
             bad("export_dir", f"merging into the weights needs finetuning_type lora or adalora, not {ft}")
+        if self.additional_targets:  # minitune/peft/modules_to_save.py; the names are checked on the model
+            if ft not in ("lora", "qlora"):
+                bad("additional_target", f"whole modules train beside LoRA: finetuning_type lora or qlora, not {ft}")
+            if self.stage in ("ppo", "grpo"):
+                bad("additional_target", f"stage {self.stage}: the reference is the actor with LoRA switched off "
+                                         "while it trains, which would keep the trained modules (not supported)")
+            if self.fsdp or self.deepspeed:
+                bad("additional_target", "with sharding (fsdp / deepspeed) is not implemented yet")
+
+    @property
+    def additional_targets(self) -> list[str]:
+        """`additional_target` as a list of module names: LLaMA-Factory writes them as one comma list."""
+        return names_list(self.additional_target)
 
     @property
     def lora_targets(self) -> str | list[str]:
@@ -208,10 +269,17 @@ class TrainConfig:
         return self.pre_seq_len or self.num_virtual_tokens
 
     def validate_preference(self, bad):
-        """pref_* keys (stage dpo): the loss types minitune.rlhf.dpo implements, eps below 1/2."""
+        """pref_* and kto_* keys (stage dpo / kto): the loss types minitune.rlhf implements, eps below 1/2."""
         if self.pref_loss not in PREF_LOSSES:
-            bad("pref_loss", f"{self.pref_loss!r} is not one of {', '.join(PREF_LOSSES)} (LLaMA-Factory's orpo, "
-                             "simpo and kto_pair are not implemented here)")
+            bad("pref_loss", f"{self.pref_loss!r} is not one of {', '.join(PREF_LOSSES)} (for unpaired data use "
+                             "stage kto)")
+        for key in ("kto_chosen_weight", "kto_rejected_weight"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.pref_ftx < 0:
+            bad("pref_ftx", f"must be >= 0, got {self.pref_ftx}")
+        if self.pref_ftx and self.stage == "kto":
+            bad("pref_ftx", "stage kto has no SFT term here yet (pref_ftx applies to stage dpo)")
         if self.pref_beta <= 0:
             bad("pref_beta", f"must be > 0, got {self.pref_beta}")
         if not 0 <= self.dpo_label_smoothing < 0.5:
@@ -222,7 +290,26 @@ class TrainConfig:
     @property
     def datasets(self) -> list[str]:
         """`dataset` as a list: LLaMA-Factory writes several as one comma-separated string."""
-        if self.dataset is None:
-            return []
-        items = self.dataset if isinstance(self.dataset, list) else self.dataset.split(",")
-        return [d.strip() for d in items if d.strip()]
+        return names_list(self.dataset)
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return names_list(self.eval_dataset)
+
+    @property
+    def chat_template(self) -> Template:
+        """`template` by name, with `default_system` in place of its own default system prompt when set, and
+        `enable_thinking` on a thinking layout (qwen3; data/templates.py ThinkingTemplate)."""
+        template = TEMPLATES[self.template]
+        if self.default_system is not None:
+            template = dataclasses.replace(template, default_system=self.default_system)
+        if isinstance(template, ThinkingTemplate):
+            template = dataclasses.replace(template, enable_thinking=self.enable_thinking)
+        return template
+
+
+def names_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else value.split(",")
+    return [d.strip() for d in items if d.strip()]
