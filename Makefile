@@ -15,6 +15,7 @@ help:  ## list the targets
 	@echo "make lesson-NN      run lesson NN (lessons/NN-*/run.py) on the tiny model, CPU; ARGS=... for flags"
 	@echo "make test           run the test suite (creates .venv on first use)"
 	@echo "make lessons        run every lesson in fast mode (what CI does)"
+	@echo "make check-lessons [ARGS=\"--seed 1 --threads 2\"]   run every lesson in full; fails unless all its claims hold"
 	@echo "make weights        rebuild weights/tiny (tokenizer, pretraining, task data) from its fixed seed"
 	@echo "make bench          CPU benchmarks in bench/ (minitune vs the reference libraries)"
 	@echo "make download MODEL=Qwen/Qwen2.5-0.5B-Instruct   fetch a real checkpoint into weights/ (needs network)"
@@ -48,6 +49,14 @@ lesson-%: $(VENV)/.installed
 lessons: $(VENV)/.installed
 	@set -e; for dir in lessons/[0-9][0-9]-*/; do \
 	  echo "== $$dir (fast)"; $(PY) $${dir}run.py --fast $(ARGS); done
+
+# every lesson in full: each run.py ends with `claims hold: k/n` and exits 1 when a claim fails
+.PHONY: check-lessons
+check-lessons: $(VENV)/.installed
+	@failed=""; for dir in lessons/[0-9][0-9]-*/; do \
+	  echo "== $$dir (full)"; $(PY) $${dir}run.py $(ARGS) || failed="$$failed $$dir"; done; \
+	if [ -n "$$failed" ]; then echo "claims failed (or the run stopped) in:$$failed"; exit 1; fi; \
+	echo "check-lessons: every claim of every lesson holds"
 
 weights: $(VENV)/.installed
 	$(PY) -m minitune.tiny.build --out weights/tiny

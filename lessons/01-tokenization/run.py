@@ -11,8 +11,9 @@ from pathlib import Path
 import regex
 import sentencepiece as spm
 
+from minitune.classroom.claims import claim, finish_claims
 from minitune.classroom.lesson import finish, parse_args, section, train_small_bpe
-from minitune.data import TEMPLATES, render, show_loss_mask, tokenize_conversation
+from minitune.data import TEMPLATES, encode_segments, get_template, render, show_loss_mask, tokenize_conversation
 from minitune.tokenizer import load_tokenizer
 from minitune.tokenizer.bpe import bytes_to_unicode
 from minitune.tokenizer.bpe_trainer import LLAMA3_PATTERN, QWEN2_PATTERN, count_words
@@ -96,7 +97,9 @@ def pre_tokenizer(model: str) -> None:
 
 
 def sentencepiece_vs_bpe(corpus: str, tok, vocab: int) -> None:
-    """Section 3: a SentencePiece BPE with byte fallback, trained on the same corpus to the same size."""
+    """Section 3: a SentencePiece BPE with byte fallback, trained on the same corpus to the same size.
+    Returns, per sample text, whether both tokenizers decode it back exactly."""
+    lossless = []
     section("3. SentencePiece (LLaMA-2 style, byte fallback) vs byte-level BPE, same corpus, same size")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "corpus.txt").write_text(corpus, encoding="utf-8")
@@ -114,9 +117,11 @@ def sentencepiece_vs_bpe(corpus: str, tok, vocab: int) -> None:
         print(f"      (as text:  {[readable(tok, i) for i in bpe_ids]})")
         print(f"   sentencepiece  {len(sp_ids):>2} tokens: {[sp_tok.id_to_token(i) for i in sp_ids]}")
         print(f"   both decode back exactly: {tok.decode(bpe_ids) == text and sp_tok.decode(sp_ids) == text}")
+        lossless.append(tok.decode(bpe_ids) == text and sp_tok.decode(sp_ids) == text)
     sample = mixed_text(5_000, seed=9)
     print(f"\nheld-out mixed text ({len(sample)} chars): byte-level {len(tok.encode(sample))} tokens, "
           f"sentencepiece {len(sp_tok.encode(sample))} tokens")
+    return lossless
 
 
 def chat_templates() -> None:
@@ -133,7 +138,8 @@ def chat_templates() -> None:
 
 
 def loss_mask(model: str, tok) -> None:
-    """Section 5: which tokens of a two-turn dialogue SFT trains on (the tiny model's tokenizer, if there)."""
+    """Section 5: which tokens of a two-turn dialogue SFT trains on (the tiny model's tokenizer, if there).
+    Returns the trained tokens, decoded."""
     section("5. The loss mask: which tokens SFT trains on")
     model_tok = None
     if (Path(model) / "tokenizer.json").is_file() or (Path(model) / "tokenizer.model").is_file():
@@ -149,6 +155,46 @@ def loss_mask(model: str, tok) -> None:
     show_loss_mask(model_tok, feature)
     counts = Counter(label != -100 for label in feature["labels"])
     print(f"labels: {counts[True]} trained (the replies and their <|im_end|>), {counts[False]} masked with -100")
+    return model_tok.decode([t for t in feature["labels"] if t != -100])
+
+
+# a tool call (function calling, 工具调用) in LLaMA-Factory's ShareGPT form: the tools column lists what the
+# model may call; a function_call turn stands where a reply would, the tool's answer (observation) where a user turn would
+# (the JSON columns are written out as the data file holds them)
+TOOLS = ('[{"name": "get_weather", "description": "Current weather in a city", "parameters": {"type": "object", '
+         '"properties": {"city": {"type": "string"}}, "required": ["city"]}}]')
+TOOL_DIALOGUE = [
+    {"role": "user", "content": "Weather in Paris?", "tools": TOOLS},
+    {"role": "function_call", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+    {"role": "observation", "content": '{"temperature": 21, "sky": "clear"}'},
+    {"role": "assistant", "content": "It is 21 degrees and clear in Paris."}]
+
+
+def tool_call_mask(model: str, tok) -> dict:
+    """Section 5, continued: the loss mask of a tool-call conversation in Qwen2.5's layout (template "qwen").
+    The call trains like a reply (the model must learn to write it); the observation is the tool's text, context
+    only. Returns the trained text and how many observation tokens train."""
+    model_tok = load_tokenizer(model) if (Path(model) / "tokenizer.json").is_file() else None
+    if model_tok is None or model_tok.token_to_id("<|im_start|>") is None:
+        model_tok = tok  # the section 1 BPE: it has the ChatML special tokens
+    segments = get_template("qwen").segments(TOOL_DIALOGUE)  # [(text, trainable)], tools listed in the system turn
+    print("\na tool call (ShareGPT function_call / observation turns, a tools list), template 'qwen'; "
+          "✓ trains, · is masked:")
+    for text, trainable in segments:
+        print("\n".join(f"  {'✓' if trainable else '·'} {line}" for line in text.split("\n")))
+    feature = tokenize_conversation(model_tok, "qwen", TOOL_DIALOGUE)
+    # walk the segments (each encoded on its own, as encode_segments does) to find the observation's labels
+    pos, n_obs, obs_trained = 0, 0, 0
+    for text, _ in segments:
+        n = len(encode_segments(model_tok, [(text, False)])[0])
+        if "<tool_response>" in text:  # the tool's answer, wrapped as Qwen2.5 wraps it
+            n_obs += n
+            obs_trained += sum(label != -100 for label in feature["labels"][pos:pos + n])
+        pos += n
+    trained = model_tok.decode([t for t in feature["labels"] if t != -100])
+    print(f"labels: {sum(label != -100 for label in feature['labels'])} of {len(feature['labels'])} tokens trained "
+          f"(the call and the reply, each with its <|im_end|>); observation-turn tokens trained: {obs_trained} of {n_obs}")
+    return {"trained": trained, "obs_trained": obs_trained, "n_obs": n_obs}
 
 
 def main():
@@ -156,10 +202,29 @@ def main():
     n_chars, vocab = (20_000, 800) if args.fast else (300_000, 1500)
     corpus, tok = train_a_bpe(n_chars, vocab)
     pre_tokenizer(args.model)
-    sentencepiece_vs_bpe(corpus, tok, vocab)
+    lossless = sentencepiece_vs_bpe(corpus, tok, vocab)
     chat_templates()
-    loss_mask(args.model, tok)
+    trained = loss_mask(args.model, tok)
+    tools = tool_call_mask(args.model, tok)
     finish("01")
+
+    # every claim here is about the code, not about training: all are checked in --fast mode too
+    claim("byte-level BPE and SentencePiece (byte fallback) both decode every sample back exactly, "
+          "Chinese and emoji included", all(lossless), f"{sum(lossless)}/{len(lossless)} samples round-trip")
+    digits = {name: regex.findall(pat, "1234567")
+              for name, pat in (("Qwen2", QWEN2_PATTERN), ("LLaMA-3", LLAMA3_PATTERN))}
+    claim("Qwen2's regex cuts a number into single digits, LLaMA-3's into groups of up to three",
+          digits["Qwen2"] == list("1234567") and digits["LLaMA-3"] == ["123", "456", "7"],
+          f"'1234567' -> Qwen2 {digits['Qwen2']}, LLaMA-3 {digits['LLaMA-3']}")
+    claim("the loss mask trains the two replies and their <|im_end|>, nothing of the questions",
+          trained == "5<|im_end|>sun cat<|im_end|>", f"trained tokens decode to {trained!r}")
+    call, reply = TOOL_DIALOGUE[1]["content"], TOOL_DIALOGUE[3]["content"]
+    claim("in a tool-call conversation the call and the reply train, no observation token does",
+          tools["obs_trained"] == 0 and tools["n_obs"] > 0
+          and tools["trained"] == f"<tool_call>\n{call}\n</tool_call><|im_end|>{reply}<|im_end|>",
+          f"observation-turn tokens trained: {tools['obs_trained']} of {tools['n_obs']}; trained tokens decode to "
+          f"{tools['trained']!r}")
+    finish_claims(args.fast)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minitune.classroom.claims import claim, finish_claims
 from minitune.classroom.lesson import finish, load_or_build, parse_args, section
 from minitune.model import load_model
 from minitune.model.checkpoint import read_header, read_tensor, weight_files
@@ -33,6 +34,9 @@ def rmsnorm(model, ids) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     note = "" if dtype == torch.float32 else f" (the module's output is rounded to {str(dtype).replace('torch.', '')})"
     print(f"max |module - formula| = {(y - formula).abs().max():.2e}{note}")
+    claim("layer 0's RMSNorm module computes the formula w * x / sqrt(mean(x^2) + eps)",
+          (y - formula).abs().max() <= tolerance(dtype) * formula.abs().max(),
+          f"max |module - formula| = {(y - formula).abs().max():.2e} (largest |value| {formula.abs().max():.1f})")
     ln = F.layer_norm(x, (x.shape[-1],), w, None, norm.eps)
     print(f"LayerNorm (mean subtracted too) would differ by up to {(ln - y).abs().max():.3f} here")
     return captured["x"]
@@ -56,8 +60,16 @@ def rope(model) -> None:
     norms = [abs(rotated(q, m).norm() - q.norm()).item() for m in range(0, 4096, 97)]
     print(f"norm preserved: max | |rope(q, m)| - |q| | over 43 positions = {max(norms):.2e}")
     print("q_m . k_n for pairs with the same distance m - n = 3, and one with distance 5:")
+    dots = {}
     for m, n in ((3, 0), (10, 7), (500, 497), (3000, 2997), (10, 5)):
-        print(f"   m={m:>5} n={n:>5}  m-n={m - n}:  {(rotated(q, m) * rotated(k, n)).sum().item():+.6f}")
+        dots[m, n] = (rotated(q, m) * rotated(k, n)).sum().item()
+        print(f"   m={m:>5} n={n:>5}  m-n={m - n}:  {dots[m, n]:+.6f}")
+    claim("RoPE keeps a vector's norm at every position", max(norms) < 1e-4, f"max norm change {max(norms):.2e}")
+    same = [dots[3, 0], dots[10, 7], dots[500, 497], dots[3000, 2997]]
+    spread = max(same) - min(same)
+    claim("q_m . k_n depends on m - n only (four pairs at distance 3 agree; distance 5 differs)",
+          spread < 1e-3 and abs(dots[10, 5] - dots[3, 0]) > 10 * spread,
+          f"distance 3: spread {spread:.1e}; distance 5 differs by {abs(dots[10, 5] - dots[3, 0]):.3f}")
 
 
 def kv_bytes(layers, kv_heads, head_dim, nbytes):
@@ -94,6 +106,8 @@ def gqa(model, x0) -> torch.Tensor:
         mha = attn.o_proj(F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
                           .reshape(B, T, H * d))
     print(f"layer 0 attention with shared heads vs. MHA on repeated K/V: max |diff| = {(ours - mha).abs().max():.2e}")
+    claim("GQA equals plain multi-head attention on repeated key/value heads",
+          (ours - mha).abs().max() <= tolerance(xa.dtype) * mha.abs().max(), f"max |diff| = {(ours - mha).abs().max():.2e}")
     return xa
 
 
@@ -108,6 +122,9 @@ def swiglu(model, xa) -> None:
         out = mlp(xa)
         formula = mlp.down_proj(g * torch.sigmoid(g) * mlp.up_proj(xa))
     print(f"max |module - formula| = {(out - formula).abs().max():.2e}")
+    claim("layer 0's MLP computes down(silu(gate x) * up x)",
+          (out - formula).abs().max() <= tolerance(xa.dtype) * formula.abs().max(),
+          f"max |module - formula| = {(out - formula).abs().max():.2e} (largest |value| {formula.abs().max():.1f})")
     print(f"parameters: 3 x {h} x {i} = {3 * h * i:,} (a GELU MLP with 4x width would have 8 x {h}^2 = {8 * h * h:,})")
     print(f"silu(gate) is negative (a small 'leak') for {(F.silu(g) < 0).float().mean():.0%} of the units here")
 
@@ -126,8 +143,9 @@ def safetensors_header(model, folder) -> None:
         print(f"   ... {len(header)} tensors in all")
         name = "model.layers.0.self_attn.q_proj.weight"
         t = read_tensor(f, header[name], data_start)
-    print(f"read {name} alone ({t.numel() * t.element_size():,} bytes): equal to the loaded model's: "
-          f"{torch.equal(t.to(dtype), model.get_parameter(name).detach().cpu())}")
+    alone = torch.equal(t.to(dtype), model.get_parameter(name).detach().cpu())
+    print(f"read {name} alone ({t.numel() * t.element_size():,} bytes): equal to the loaded model's: {alone}")
+    claim("one tensor read alone through the safetensors header equals the loaded model's", alone, str(alone))
     start = time.perf_counter()
     load_model(folder, dtype=dtype)
     print(f"load_model (meta device, then one tensor at a time): {time.perf_counter() - start:.2f} s")
@@ -140,6 +158,7 @@ def parity(model, folder, ids, device: str) -> None:
         import transformers
     except ImportError:
         print("transformers is not installed: parity check skipped (pip install -e '.[test]' to run it)")
+        claim("transformers gives the same logits and the same argmax everywhere", None)
         return
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
@@ -151,6 +170,16 @@ def parity(model, folder, ids, device: str) -> None:
     print(f"logits {tuple(a.shape)}: max |minitune - transformers| = {(a - b).abs().max():.2e}, "
           f"relative {((a - b).abs().max() / b.abs().max()):.2e}; same argmax everywhere: "
           f"{torch.equal(a.argmax(-1), b.argmax(-1))}")
+    relative = ((a - b).abs().max() / b.abs().max()).item()
+    claim("transformers gives the same logits and the same argmax everywhere",
+          relative <= tolerance(next(model.parameters()).dtype) and torch.equal(a.argmax(-1), b.argmax(-1)),
+          f"relative max |diff| {relative:.2e}")
+
+
+def tolerance(dtype) -> float:
+    """How far two ways of computing the same thing may differ, relative to the largest value: float32
+    rounding, or bf16/fp16's: a bf16 result keeps 8 significant bits, and two roundings are ~1e-2 relative."""
+    return 1e-5 if dtype == torch.float32 else 2e-2
 
 
 def main():
@@ -160,7 +189,7 @@ def main():
     print(f"{cfg.architecture}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
           f"query heads, {cfg.num_key_value_heads} key/value heads, head_dim {cfg.head_dim}, MLP "
           f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, tied head: {cfg.tie_word_embeddings}")
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     ids = torch.randint(0, cfg.vocab_size, (1, 16 if args.fast else 64), device=args.device)  # random token ids
     x0 = rmsnorm(model, ids)
     rope(model)
@@ -169,6 +198,7 @@ def main():
     safetensors_header(model, folder)
     parity(model, folder, ids, args.device)
     finish("02")
+    finish_claims(args.fast, args.model)  # every claim here is about the code: checked in --fast mode too
 
 
 if __name__ == "__main__":

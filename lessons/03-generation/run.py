@@ -5,6 +5,7 @@
 import torch
 
 import minitune
+from minitune.classroom.claims import claim, finish_claims
 from minitune.classroom.lesson import finish, load_or_build, parse_args, section, timed
 from minitune.generation import top_k_filter, top_p_filter
 
@@ -22,6 +23,7 @@ def kv_cache(model, fast: bool, dev: str) -> None:
     section("1. The KV cache: time per new token with and without it")
     cfg = model.config
     n_new = 8 if fast else 16
+    speedup, all_same = [], []
     lengths = [n for n in ((16, 128) if fast else (32, 256, 512)) if n + n_new <= cfg.max_position_embeddings]
     for prompt_len in lengths:
         prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -31,6 +33,13 @@ def kv_cache(model, fast: bool, dev: str) -> None:
         same = torch.equal(minitune.generate(model, prompt, max_new_tokens=n_new), result["ids"])
         print(f"prompt {prompt_len:>5} tokens, {n_new} new: with cache {1e3 * t_cache / n_new:7.2f} ms/token, "
               f"without {1e3 * t_full / n_new:7.2f} ms/token (x{t_full / t_cache:.1f}); same tokens: {same}")
+        speedup.append(t_full / t_cache)
+        all_same.append(same)
+    claim("the KV cache gives the same greedy tokens as recomputing the whole sequence", all(all_same),
+          f"{sum(all_same)}/{len(all_same)} prompt lengths")
+    # wall times: too few tokens in --fast mode, and a busy machine disturbs them; checked in a full run
+    claim(f"with the cache a new token costs less than half as much, at a {lengths[-1]}-token prompt",
+          None if fast else speedup[-1] > 2, f"x{speedup[-1]:.1f} faster")
     dtype = next(model.parameters()).dtype
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
     print(f"cache size: {kv_per_token:,} bytes per token (keys + values, every layer); "
@@ -51,6 +60,7 @@ def sampling(model, tok, stand_in: bool, dev: str) -> None:
     settings = [("greedy", dict(temperature=0.0)), ("temperature 0.7", dict(temperature=0.7)),
                 ("temperature 1.5", dict(temperature=1.5)), ("top-k 5", dict(temperature=1.0, top_k=5)),
                 ("top-p 0.9", dict(temperature=1.0, top_p=0.9))]
+    alive_per = {}
     for name, kw in settings:
         lg = logits / kw["temperature"] if kw["temperature"] else logits
         if kw.get("top_k"):
@@ -62,8 +72,12 @@ def sampling(model, tok, stand_in: bool, dev: str) -> None:
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item() if kw["temperature"] else 0.0
         out = minitune.generate(model, prompt, max_new_tokens=24, eos_id=tok.eos_id, seed=0, **kw)
         reply = tok.decode(out[0, prompt.shape[1]:].tolist(), skip_special_tokens=True)
+        alive_per[name] = alive
         print(f"{name:16} first step: {alive:>5} candidate tokens, entropy {entropy:.2f} nats | {reply!r}")
     print("(top-k and top-p are shown after temperature 1.0; the candidates are those left after the filter)")
+    claim("greedy keeps 1 candidate, top-k 5 keeps 5, top-p 0.9 fewer than the whole vocabulary",
+          alive_per["greedy"] == 1 and alive_per["top-k 5"] == 5 and alive_per["top-p 0.9"] < model.config.vocab_size,
+          f"{alive_per['greedy']}, {alive_per['top-k 5']}, {alive_per['top-p 0.9']} of {model.config.vocab_size}")
 
 
 def cost_per_token(model, fast: bool, dev: str) -> None:
@@ -97,6 +111,8 @@ def cost_per_token(model, fast: bool, dev: str) -> None:
     bound = "memory" if intensity1 < flops_s / bytes_s else "compute"
     print(f"   batch-1 decoding ({intensity1:.2f} FLOP/byte) is {'below' if bound == 'memory' else 'above'} "
           f"it: {bound} bandwidth is its limit on this machine")
+    claim("batch-1 decoding is memory-bound: its arithmetic intensity is below this machine's balance point",
+          bound == "memory", f"{intensity1:.2f} vs {flops_s / bytes_s:.1f} FLOP per byte")
 
     # the proof: one weight matrix times a batch of vectors; time barely grows with the batch
     rows = 2048 if fast else 4096
@@ -117,6 +133,8 @@ def cost_per_token(model, fast: bool, dev: str) -> None:
     t8 = timed(lambda: minitune.generate(model, ids8, max_new_tokens=16), repeat=reps)
     print(f"the model itself: batch 1 {16 / t1:.0f} tokens/s, batch 8 {8 * 16 / t8:.0f} tokens/s "
           f"(x{(8 * 16 / t8) / (16 / t1):.1f} throughput for {t8 / t1:.1f}x the time)")
+    claim("a batch of 8 decodes more tokens per second than batch 1", None if fast else t8 / t1 < 8,
+          f"x{(8 * 16 / t8) / (16 / t1):.1f} throughput")
 
 
 def main():
@@ -126,6 +144,7 @@ def main():
     sampling(model, tok, stand_in, args.device)
     cost_per_token(model, args.fast, args.device)
     finish("03")
+    finish_claims(args.fast, args.model)
 
 
 if __name__ == "__main__":

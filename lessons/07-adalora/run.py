@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by lessons 06-09
+from minitune.classroom.claims import claim, finish_claims, not_checked
 from minitune.memory import count_parameters as formula_total
 from minitune.memory import layer_linears, lora_parameters
 from minitune.model import ModelConfig
@@ -118,6 +119,9 @@ def adalora_vs_full(args, tok, data, rows, plan, tinit: int, tfinal: int, marks)
           "while the warm-up learning rate is 0) vs the plan:")
     for t in marks:
         print(f"  step {t:>4}: kept {kept[t]:>4} (non-zero Λ {nonzero[t]:>4}), planned {plan.budget_schedule(t)[0]:>4}")
+    off_plan = [t for t in marks if kept[t] != plan.budget_schedule(t)[0]]
+    claim("the allocator keeps exactly the planned budget at every step shown", not off_plan,
+          f"{len(marks) - len(off_plan)} of {len(marks)} steps on plan")
     reg = [m["orth_reg"] for m in ada["metrics"].values() if "orth_reg" in m]
     if reg:
         print(f"orthogonality regulariser (in the logged loss, not in the table's loss): {reg[0]:.3f} -> {reg[-1]:.3f} "
@@ -126,6 +130,14 @@ def adalora_vs_full(args, tok, data, rows, plan, tinit: int, tfinal: int, marks)
     S.print_runs({"full FT": full, f"AdaLoRA {INIT_R}->{TARGET_R}": ada})
     print()
     S.verdict("AdaLoRA", ada, full)
+    share = ada["trainable"] / ada["base_params"]
+    claim("AdaLoRA 16 -> 8 trains under 15% of the model's parameters", share < 0.15, f"{share:.2%}")
+    text = "AdaLoRA reaches full fine-tuning's held-out exact match (at most 5 points below it, or above)"
+    if args.fast or full is None:
+        not_checked([text])
+    else:
+        a, b = ada["eval"]["overall"], full["eval"]["overall"]
+        claim(text, a >= b - 0.05, f"AdaLoRA {a:.1%} vs full fine-tuning {b:.1%}")
     return ada
 
 
@@ -153,6 +165,13 @@ def where_the_rank_went(args, tok, model) -> None:
             diff = (load_adapter(fresh, folder).eval()(test) - model.eval()(test)).abs().max().item()
     print(f"saved in PEFT's AdaLoRA layout: peft_type={config['peft_type']}, rank_pattern for {len(config['rank_pattern'])} "
           f"layers, {kept_params:,} numbers kept ({size / 1e3:.0f} kB); read back: max |logit difference| {diff:.1e}")
+    claim("the adapter saved in PEFT's AdaLoRA layout, read back, gives the same logits", diff < 1e-4, f"{diff:.1e}")
+    text = "after the schedule the total rank kept is the target, 8 per layer on average"
+    if args.fast:
+        not_checked([text])
+    else:
+        kept, target = sum(final.values()), TARGET_R * len(final)
+        claim(text, kept == target, f"{kept} of target {target}")
 
 
 def main():
@@ -164,6 +183,7 @@ def main():
     ada = adalora_vs_full(args, tok, data, rows, plan, tinit, tfinal, marks)
     where_the_rank_went(args, tok, ada["model"])
     S.finish("07")
+    finish_claims(args.fast, args.model)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import shlex
 import torch
 
 from minitune.classroom import tiny_sft as S  # lesson 05's setup, shared by lessons 06-09
+from minitune.classroom.claims import claim, finish_claims, not_checked
 from minitune.memory import count_parameters as formula_total
 from minitune.memory import lora_parameters
 from minitune.model import ModelConfig
@@ -144,6 +145,9 @@ def how_many_parameters(cfg, counted: dict) -> None:
         assert cnt is None or cnt == tiny, (label, cnt, tiny)
         print(f"{label:30}{tiny:>14,}{'' if cnt is None else format(cnt, ','):>10}{100 * tiny / total:>10.2f}%"
               f"{big:>16,}{100 * big / total_7b:>10.4f}%")
+    checked = [(tiny, cnt) for _, tiny, cnt, _ in rows if cnt is not None]
+    claim("each method's parameter formula equals the count on the wrapped tiny model",
+          all(tiny == cnt for tiny, cnt in checked), f"{sum(t == c for t, c in checked)} of {len(checked)} methods")
 
 
 
@@ -170,7 +174,36 @@ def train_side_by_side(args, tok) -> dict:
     print()
     for name, run in runs.items():
         S.verdict(name, run, full)
+    families_claims(runs, full, args.fast)
     return runs
+
+
+def families_claims(runs: dict, full: dict | None, fast: bool) -> None:
+    """Section 3's findings for the runs made (names as runs_to_train gives them; the default is the +rows ones).
+    Measured with seed 0 only (the README's table), so the margins are wide."""
+    sfx = "+rows" if "LoRA+rows" in runs else ""
+    lora, adapter = runs.get(f"LoRA{sfx}"), runs.get(f"adapter{sfx}")
+    virtual = [runs[n] for n in (f"prefix{sfx}", f"prompt{sfx}", f"P-tuning{sfx}") if n in runs]
+    texts = ["LoRA r=4 reaches full fine-tuning's held-out exact match (at most 5 points below it, or above)",
+             "the adapter, with about as many parameters, falls at least 15 points short of LoRA r=4",
+             "prefix, prompt and P-tuning get under 10% of the held-out questions at this size",
+             "training the two chat-token rows (+rows) lets every method end a reply: -log P(<|im_end|>) below 0.5"]
+    if fast or full is None:
+        not_checked(texts)
+        return
+    if lora:
+        a, b = lora["eval"]["overall"], full["eval"]["overall"]
+        claim(texts[0], a >= b - 0.05, f"LoRA r=4 {a:.1%} vs full fine-tuning {b:.1%}")
+    if lora and adapter:
+        a, b = adapter["eval"]["overall"], lora["eval"]["overall"]
+        claim(texts[1], a <= b - 0.15, f"adapter {a:.1%} vs LoRA r=4 {b:.1%}")
+    if virtual:
+        best = max(r["eval"]["overall"] for r in virtual)
+        claim(texts[2], best < 0.10, f"the best of them {best:.1%}")
+    rows = {n: r for n, r in runs.items() if n.endswith("+rows") and r["end_loss"] is not None}
+    if rows:
+        worst = max(r["end_loss"][0] for r in rows.values())
+        claim(texts[3], worst < 0.5, f"the largest {worst:.2f}, over {len(rows)} runs")
 
 
 def same_questions(args, tok, runs: dict) -> None:
@@ -196,6 +229,7 @@ def main():
     runs = train_side_by_side(args, tok)
     same_questions(args, tok, runs)
     S.finish("08")
+    finish_claims(args.fast, args.model)
 
 
 if __name__ == "__main__":

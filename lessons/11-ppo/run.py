@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from minitune.classroom.claims import claim, finish_claims, not_checked
 from minitune.classroom.lesson import ROOT, finish, section, sft_start, small_model_threads
 from minitune.memory import estimate_memory, human_bytes, lora_parameters
 from minitune.model import ModelConfig
@@ -30,6 +31,7 @@ from minitune.rlhf import (PPOConfig, RewardModel, collapse_stats, collapse_warn
                            reference_logprobs, response_kl, response_logprobs, sample_rollout, score_responses,
                            text_reward, train_ppo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
+from minitune.tiny.general_suite import general_ability
 from minitune.tiny.tasks import contains_answer, preference_score, reference_answer
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -184,6 +186,9 @@ def gae_by_hand() -> None:
     print(f"compute_gae advantages: {[round(x, 4) for x in adv[0].tolist()]}")
     print(f"compute_gae returns:    {[round(x, 4) for x in ret[0].tolist()]}")
     print(f"by hand == compute_gae: {torch.allclose(adv[0], torch.tensor(by_hand))}")
+    gap = (adv[0] - torch.tensor(by_hand)).abs().max()
+    claim("compute_gae gives the advantages computed by hand, backwards from the last token",
+          torch.allclose(adv[0], torch.tensor(by_hand)), f"max |diff| {gap:.1e}")
 
 
 # --------------------------------------------------------------------------- 4
@@ -234,6 +239,12 @@ def other_tasks_correct(model, tok, others) -> float:
     return sum(contains_answer(x, r["answer"]) for r, x in zip(others, reps)) / len(others)
 
 
+def general_suite(model, tok, fast: bool) -> float:
+    """The tiny world's general-ability suite (minitune/tiny/general_suite.py, lesson 05's alignment tax): 88
+    four-choice questions no stage trains on, each option scored by its log-likelihood. --fast: 3 per subject."""
+    return general_ability(model, tok, per_subject_limit=3 if fast else None)
+
+
 def heldout_kl(model, reference, tok, questions, n_samples=4, max_new_tokens=8) -> float:
     """Sequence KL(pi || pi_ref) on held-out prompts: log pi - log pi_ref summed over each sampled reply, averaged
     (minitune.rlhf.response_kl, lesson 12's measure; one batch, so one seeded draw of all the samples)."""
@@ -245,14 +256,17 @@ def heldout_kl(model, reference, tok, questions, n_samples=4, max_new_tokens=8) 
 
 def healthy_run(args, sft, tok, actor, critic, reference, reward, cfg, train_sums, sets, others) -> None:
     """Section 5: PPO on the training sums; the step table, the measured sets before and after, the KL to the
-    reference, the replies that changed, and one response's rewards token by token."""
+    reference, the replies that changed, and one response's rewards token by token. Returns what the claims
+    check: {"before", "after", "others", "kl", "rewards", "warnings"}."""
     section("5. A healthy run (健康的训练): the preferred behaviour rises, the KL stays bounded")
     stops, pad = stop_ids(tok), pad_id(tok)
     before = {name: behaviour(sft, tok, reward, qs) for name, qs in sets.items()}
     others0 = other_tasks_correct(sft, tok, others)
+    suite0 = general_suite(sft, tok, args.fast)
     records = train_ppo(actor, critic, reference, reward, train_sums, cfg, stops, pad)
     after = {name: behaviour(actor, tok, reward, qs) for name, qs in sets.items()}
     others1 = other_tasks_correct(actor, tok, others)
+    suite1 = general_suite(actor, tok, args.fast)
     heldout = sets["held-out sums, held-out wording"]
     kl_final = heldout_kl(actor, reference, tok, heldout)
     print(f"\n{'step':>4} {'reward':>7} {'KL':>6} {'clip':>5} {'entropy':>7} {'value loss':>10} {'length':>6} {'repeat':>6}")
@@ -272,6 +286,8 @@ def healthy_run(args, sft, tok, actor, critic, reference, reward, cfg, train_sum
         print(f"  mean preference score, greedy                  {p0:>10.2f}   {p1:>10.2f}")
     print(f"KL(pi || pi_ref) on held-out sums, sampled, nats per reply {0.0:.2f} -> {kl_final:.2f}")
     print(f"other held-out tasks ({len(others)} questions), right answer {others0:.0%} -> {others1:.0%}")
+    print(f"general-ability suite (alignment tax, 对齐税): {suite0:.1%} -> {suite1:.1%} (the SFT start -> after PPO; "
+          f"the base model before SFT: lesson 05)")
     reps0, reps1 = before[name][-1], after[name][-1]  # the held-out sums
     print(f"warnings during the run: {sum(len(r['warnings']) for r in records)}; log: {cfg.log_path}")
     changed = [(q, b, a) for q, b, a in zip(heldout, reps0, reps1) if b != a]
@@ -282,6 +298,8 @@ def healthy_run(args, sft, tok, actor, critic, reference, reward, cfg, train_sum
     for q, b, a in changed[:6]:
         print(f"  {q!r:40} {b!r:8} -> {a!r}")
     per_token_rewards(actor, reference, tok, reward, heldout[0], cfg.init_kl_coef)
+    return dict(before=before, after=after, others=(others0, others1), kl=kl_final, rewards=(first, last),
+                warnings=sum(len(r["warnings"]) for r in records), suite=(suite0, suite1))
 
 
 def per_token_rewards(actor, reference, tok, reward, question: str, beta: float) -> None:
@@ -307,7 +325,8 @@ def length_biased(prompt, response):
 
 def collapsed_run(args, sft, tok, actor, reference, train_questions, eval_rows) -> None:
     """Section 6: no KL penalty, 30x the learning rate and a length-loving RM; the collapse watch fires during
-    training, and the same watch on the healthy and the collapsed model's held-out replies."""
+    training, and the same watch on the healthy and the collapsed model's held-out replies. Returns what the claims
+    check: {"kl", "healthy_kl" (the healthy actor, the same prompts and sampling), "score", "warned_steps", "steps"}."""
     section("6. A collapsed run (崩溃): no KL penalty, 30x the learning rate, a reward model that likes length")
     stops, pad = stop_ids(tok), pad_id(tok)
     bad_actor, bad_critic = copy.deepcopy(sft), RewardModel(copy.deepcopy(sft), init_std=0.0)
@@ -328,11 +347,16 @@ def collapsed_run(args, sft, tok, actor, reference, train_questions, eval_rows) 
         print(f"{rec['step']:>4} {rec['reward']:7.2f} {rec['kl']:7.2f} {rec['response_length']:6.1f} "
               f"{rec['repetition_rate']:6.2f}  {len(rec['warnings'])}")
     kl = heldout_kl(bad_actor, reference, tok, spread, n_samples=2, max_new_tokens=24)
+    healthy_kl = heldout_kl(actor, reference, tok, spread, n_samples=2, max_new_tokens=24)
     print(f"after, on {len(spread)} held-out prompts of every task: replies ending with a full stop {stop2:.0%}, mean "
-          f"(true) preference score {score2:.2f}, KL {kl:.2f}")
+          f"(true) preference score {score2:.2f}, KL {kl:.2f} (the healthy run's on the same prompts: "
+          f"{healthy_kl:.2f})")
     for q, a in list(zip(spread, reps2))[:3]:
         print(f"  {q!r:44} -> {a!r}")
     print(f"steps with a collapse warning during training: {sum(bool(r['warnings']) for r in bad)} of {len(bad)}")
+    suite2 = general_suite(bad_actor, tok, args.fast)
+    print(f"general-ability suite (alignment tax): {general_suite(sft, tok, args.fast):.1%} -> {suite2:.1%} "
+          "(the SFT start -> the collapsed model)")
     # The same watch on the trained models' greedy replies to those held-out prompts:
     for name, reps in (("healthy", ask(actor, tok, spread)), ("collapsed", reps2)):
         ids = [tok.encode(x)[:24] or [stops[0]] for x in reps]
@@ -344,6 +368,53 @@ def collapsed_run(args, sft, tok, actor, reference, train_questions, eval_rows) 
               f"{stats['repetition_rate']:.2f} -> " + ("no warning" if not found else ""))
         for w in found:
             print(f"  WARNING {w}")
+    return dict(kl=kl, healthy_kl=healthy_kl, score=score2, warned_steps=sum(bool(r["warnings"]) for r in bad),
+                steps=len(bad), suite=suite2)
+
+
+def ppo_claims(healthy, collapsed, fast: bool) -> None:
+    """Sections 5 and 6's findings, with margins that held over seeds 0-2 and 1-2 threads (the README gives the
+    range). behaviour() tuples: (right answer, full stop, preference score, sampled right answer, replies)."""
+    texts = ["the healthy run's rollout reward rises: the last quarter of the steps beats the first by at least 0.1",
+             "sampled replies to the training sums, asked in held-out wording, are right at least 5 points more often",
+             "the full stop stays rare (at most 5% of greedy replies): the rule's signal for it is too weak to find",
+             "the other tasks are left alone: their right answers move by at most 5 points",
+             "the healthy run stays near the reference: KL below 2 nats per reply, and no collapse warning",
+             "the collapsed PPO run's KL exceeds the healthy one's at least tenfold, on the same held-out prompts",
+             "the collapse watch fires on at least half of the collapsed run's steps",
+             "the collapsed model's replies lose the true preference score: mean below 0.2"]
+    if fast:
+        not_checked(texts)
+        return
+    known, held = "training sums, held-out wording", "held-out sums, held-out wording"
+    b, a = healthy["before"], healthy["after"]
+    first, last = healthy["rewards"]
+    claim(texts[0], last - first >= 0.1, f"{first:.3f} -> {last:.3f}")
+    claim(texts[1], a[known][3] - b[known][3] >= 0.05, f"{b[known][3]:.0%} -> {a[known][3]:.0%}")
+    stops = max(a[known][1], a[held][1])
+    claim(texts[2], stops <= 0.05, f"{b[known][1]:.0%} -> {a[known][1]:.0%} (training sums), "
+                                   f"{b[held][1]:.0%} -> {a[held][1]:.0%} (held-out sums)")
+    o0, o1 = healthy["others"]
+    claim(texts[3], abs(o1 - o0) <= 0.05, f"{o0:.0%} -> {o1:.0%}")
+    claim(texts[4], healthy["kl"] < 2 and healthy["warnings"] == 0,
+          f"KL {healthy['kl']:.2f}; {healthy['warnings']} warnings")
+    claim(texts[5], collapsed["kl"] >= 10 * collapsed["healthy_kl"],
+          f"{collapsed['kl']:.2f} vs {collapsed['healthy_kl']:.2f} nats per reply")
+    claim(texts[6], collapsed["warned_steps"] >= collapsed["steps"] / 2,
+          f"{collapsed['warned_steps']} of {collapsed['steps']} steps")
+    claim(texts[7], collapsed["score"] < 0.2, f"{collapsed['score']:.2f}")
+
+
+def alignment_tax_claims(healthy, collapsed, fast: bool) -> None:
+    """The general-ability suite (lesson 05's alignment tax) after each run, margins from seeds 0-2 (README)."""
+    texts = ["the healthy run adds little alignment tax to SFT's: the general-ability suite moves by at most 8 points",
+             "the collapsed run costs more general ability: its suite ends at least 2 points below the healthy run's"]
+    if fast:
+        not_checked(texts)
+        return
+    (s0, s1), s2 = healthy["suite"], collapsed["suite"]
+    claim(texts[0], abs(s1 - s0) <= 0.08, f"{s0:.1%} -> {s1:.1%}")
+    claim(texts[1], s1 - s2 >= 0.02, f"collapsed {s2:.1%} vs healthy {s1:.1%}")
 
 
 def main():
@@ -356,9 +427,12 @@ def main():
     where_the_signal_is(args, sft, tok, reward, train_questions, eval_rows)
     gae_by_hand()
     cfg, train_sums, sets, others = ppo_step(args, tok, train_questions, eval_rows)
-    healthy_run(args, sft, tok, actor, critic, reference, reward, cfg, train_sums, sets, others)
-    collapsed_run(args, sft, tok, actor, reference, train_questions, eval_rows)
+    healthy = healthy_run(args, sft, tok, actor, critic, reference, reward, cfg, train_sums, sets, others)
+    collapsed = collapsed_run(args, sft, tok, actor, reference, train_questions, eval_rows)
     finish("11")
+    ppo_claims(healthy, collapsed, args.fast)
+    alignment_tax_claims(healthy, collapsed, args.fast)
+    finish_claims(args.fast, args.model)
 
 
 if __name__ == "__main__":

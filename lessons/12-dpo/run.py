@@ -1,6 +1,6 @@
 """Lesson 12: direct preference optimization (DPO, 直接偏好优化) of the SFT'd tiny model, measured.
 
-    python lessons/12-dpo/run.py                 # the shared SFT model, then DPO; well under a minute on CPU (1 thread)
+    python lessons/12-dpo/run.py                 # the shared SFT model, DPO, then the family: ~2 min on CPU (1 thread)
     python lessons/12-dpo/run.py --fast          # CI: a few steps each, a few prompts (< 60 s)
     python lessons/12-dpo/run.py --seed 1        # another DPO training seed (default 0); the SFT start stays the same
     python lessons/12-dpo/run.py --lora          # LoRA actor: the reference is the same model with the adapter off
@@ -13,20 +13,26 @@
 3. the reference: a frozen copy of the SFT model, or (--lora) the same model with the adapter off;
 4. DPO with minitune.train (reference log-probs computed once; rewards, accuracy, margin logged);
 5. what changed: the preferred behaviour on held-out prompts (correct, ends with a full stop, not rude) before
-   and after, the KL to the reference on the policy's own samples, and where it comes from.
+   and after, the KL to the reference on the policy's own samples, and where it comes from;
+6. the preference family: IPO, ORPO, SimPO and KTO from the same SFT model on the same pairs, beside DPO
+   (minitune/classroom/pref_family.py): preferred behaviour, correctness kept, KL, weights held, steps/s.
 """
 import argparse
+import contextlib
 import copy
+import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from minitune.classroom.claims import claim, finish_claims, not_checked
 from minitune.classroom.lesson import finish, section, sft_start, small_model_threads
+from minitune.classroom.pref_family import HEADER, format_row, kto_from_pairs, row_costs, run_method
 from minitune.peft import apply_lora, count_parameters
-from minitune.rlhf import (Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl, response_logprobs,
-                           train_dpo)
+from minitune.rlhf import (PairData, Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl,
+                           response_logprobs, train_dpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
 from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
 from minitune.train import TrainConfig
@@ -85,6 +91,10 @@ def dpo_losses() -> None:
     best = {name: float(m[min(range(len(m)), key=lambda i: per_pair_of[name][i])]) for name in variants}
     print(f"smallest loss on this row of m: {best}; IPO's target is 1/(2 beta) = {1 / (2 * 0.1):g}, "
           f"hinge is 0 from 1/beta = {1 / 0.1:g} on")
+    claim("plain DPO keeps pushing the margin up (smallest loss at the largest m); IPO's smallest is at "
+          "m = 1/(2 beta) = 5; hinge is 0 from m = 1/beta = 10 on",
+          best["sigmoid (DPO)"] == 40 and best["ipo"] == 5 and best["hinge"] == 10 and per_pair_of["hinge"][-1] == 0,
+          f"smallest at m = {best['sigmoid (DPO)']:g}, {best['ipo']:g}, {best['hinge']:g}")
 
 
 def sft_model_and_pairs(args, data_dir: Path):
@@ -118,7 +128,8 @@ def the_reference(args, model):
 
 
 def train_with_the_sft_loop(args, model, tok, pairs):
-    """Section 4: DPO as a loss_fn of the SFT trainer; the logged implicit rewards, accuracy and margin."""
+    """Section 4: DPO as a loss_fn of the SFT trainer; the logged implicit rewards, accuracy and margin.
+    Returns (the held-out pairs' metrics, the training result: steps and seconds for section 6)."""
     section(f"4. DPO ({args.loss_type}, beta {args.beta}, label_smoothing {args.label_smoothing}) with the SFT "
             f"training loop")
     lr = args.lr or (2e-3 if args.lora else 2e-4)
@@ -139,11 +150,12 @@ def train_with_the_sft_loop(args, model, tok, pairs):
     ev = result.eval_metrics[result.global_step]
     print(f"held-out pairs ({len(pairs.val)}): reward accuracy {ev['rewards/accuracies']:.2f}, margin "
           f"{ev['rewards/margins']:.3f}; {result.global_step} steps in {result.runtime_s:.0f} s; log {result.log_path}")
+    return ev, result
 
 
 def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None:
     """Section 5: the preferred behaviour before and after, the KL to the reference on the policy's own
-    samples, and one reply token by token: where that KL comes from."""
+    samples, and one reply token by token: where that KL comes from. Returns (behaviour before, after, KL)."""
     section(f"5. what changed, and what it cost: {len(eval_rows)} held-out prompts before and after DPO, "
             f"and the KL to the reference")
     before = behaviour(eval_rows, before_replies)
@@ -178,6 +190,91 @@ def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None
     for t, tok_id in list(enumerate(reply))[first:]:
         print(f"  {tok.decode([tok_id])!r:>14}  log pi {lp[t]:7.2f}  log pi_ref {rp[t]:7.2f}  "
               f"log pi - log pi_ref {lp[t] - rp[t]:+7.2f}")
+    return before, after, kl
+
+
+def dpo_claims(before, after, kl, ev, checked: bool) -> None:
+    """Section 5's findings for the default run (full actor, sigmoid loss, beta 0.1, lr 2e-4, 2 epochs), with
+    margins that held over seeds 0-2 and 1-2 threads (the README gives the range); other flags: not checked."""
+    texts = ["DPO teaches the full stop: at least 40% of greedy replies end with one, from at most 5%",
+             "DPO does not teach correctness: correct answers move by less than 8 points",
+             "replies with all three preferred traits rise by at least 20 points",
+             "the implicit reward ranks at least 80% of the held-out pairs right",
+             "the full stop costs KL: more than 3 nats per sampled reply away from the reference"]
+    if not checked:
+        not_checked(texts)
+        return
+    stop, correct, pref = "ends with a full stop", "correct answer", "preferred (all three)"
+    claim(texts[0], after[stop] >= 0.40 and before[stop] <= 0.05, f"{before[stop]:.0%} -> {after[stop]:.0%}")
+    claim(texts[1], abs(after[correct] - before[correct]) < 0.08, f"{before[correct]:.0%} -> {after[correct]:.0%}")
+    claim(texts[2], after[pref] - before[pref] >= 0.20, f"{before[pref]:.0%} -> {after[pref]:.0%}")
+    claim(texts[3], ev["rewards/accuracies"] >= 0.80, f"{ev['rewards/accuracies']:.2f}")
+    claim(texts[4], kl["kl_per_sequence"] > 3, f"{kl['kl_per_sequence']:.2f} nats per reply")
+
+
+def the_family(args, tok, pairs, data_dir, eval_rows, reference, before, after, kl, dpo_result) -> dict:
+    """Section 6: IPO, ORPO, SimPO and KTO from the same SFT model, on the same training pairs and with the
+    same optimiser settings, beside section 4's DPO. Returns {method: row} (see pref_family.run_method)."""
+    section("6. the preference family (偏好优化家族): DPO, IPO, ORPO (比值比偏好优化), SimPO (简单偏好优化) and "
+            "KTO from one SFT start")
+    # The start: section 3's frozen SFT copy (also every method's pi_ref); --lora kept none, so load it again
+    sft = reference if reference is not None else sft_start(args, 10 if args.fast else 450)[0]
+    kto = kto_from_pairs(data_dir / "preference.jsonl", pairs, tok, args.template, cutoff_len=96)
+    print(f"KTO data: each training pair as two unpaired replies, chosen desirable, rejected undesirable: "
+          f"{kto.summary()}")
+    if args.fast:  # 4 steps of 16 see 64 examples: compute reference log-probs for those only
+        pairs, kto.train = PairData(pairs.train[:64], pairs.val[:8], pairs.report), kto.train[:64]
+    # Section 4's run is the family's DPO when it used the family's settings: full actor, sigmoid, beta 0.1
+    same = not args.lora and args.loss_type == "sigmoid" and args.beta == 0.1 and args.label_smoothing == 0
+    methods = ["IPO", "ORPO", "SimPO", "KTO"] if same else ["DPO", "IPO", "ORPO", "SimPO", "KTO"]
+    lr = 2e-4 if args.lora else (args.lr or 2e-4)  # every method a full actor; section 4's rate unless LoRA's
+    rows = {}
+    if same:
+        rows["DPO"] = {"preferred": after["preferred (all three)"], "correct": after["correct answer"],
+                       "full stop": after["ends with a full stop"], "KL": kl["kl_per_sequence"],
+                       **row_costs("DPO", sft, dpo_result)}
+    else:
+        print("section 4 ran with other settings than the family's (full, sigmoid, beta 0.1): DPO reruns here")
+    for name in methods:
+        with contextlib.redirect_stdout(io.StringIO()):  # the trainer's memory estimate: as in section 4, each time
+            rows[name] = run_method(name, sft, tok, pairs, kto, eval_rows, seed=args.seed,
+                                    out_dir=Path(args.out) / "family", learning_rate=lr, epochs=args.epochs,
+                                    max_steps=4 if args.fast else None, device=args.device,
+                                    bf16=args.dtype == "bfloat16", template=args.template)
+        print(f"trained {name}: {rows[name]['steps']} steps", flush=True)
+    print(f"\nthe same {len(eval_rows)} held-out prompts (greedy; KL on replies sampled at temperature 1)")
+    print(HEADER)
+    print(f"{'SFT':8} {before['preferred (all three)']:>9.0%} {before['correct answer']:>8.0%} "
+          f"{before['ends with a full stop']:>9.0%} {0:>9.2f}   (the start of every method)")
+    for name in ("DPO", "IPO", "ORPO", "SimPO", "KTO"):
+        print(format_row(name, rows[name]))
+    print("columns: 偏好 preferred, 正确 correct, 句号 full stop, KL/reply 每条回复的 KL, reference 参考模型, "
+          "weights MB 权重 (policy + a frozen reference copy where needed), steps 步数, steps/s 每秒步数")
+    return rows
+
+
+def family_claims(rows: dict, before: dict, checked: bool) -> None:
+    """Section 6's findings for the default run, with margins that held over seeds 0-2 (the README gives
+    the range); --fast and other flags: not checked."""
+    texts = ["the reference-free ORPO and SimPO end further from the SFT model than DPO: KL per reply at least "
+             "1.5 times DPO's",
+             "ORPO and SimPO lose correctness: at least 4 points below the SFT start, while DPO and IPO stay "
+             "within 8 points of it",
+             "every method of the family raises the preferred replies by at least 15 points"]
+    if not checked:
+        not_checked(texts)
+        return
+    kl = {m: r["KL"] for m, r in rows.items()}
+    claim(texts[0], min(kl["ORPO"], kl["SimPO"]) >= 1.5 * kl["DPO"],
+          f"KL per reply: DPO {kl['DPO']:.1f}, ORPO {kl['ORPO']:.1f}, SimPO {kl['SimPO']:.1f}")
+    start = before["correct answer"]
+    moved = {m: r["correct"] - start for m, r in rows.items()}
+    claim(texts[1], max(moved["ORPO"], moved["SimPO"]) <= -0.04 and max(abs(moved["DPO"]), abs(moved["IPO"])) < 0.08,
+          f"correct {start:.0%} -> " + ", ".join(f"{m} {r['correct']:.0%}" for m, r in rows.items()))
+    gain = {m: r["preferred"] - before["preferred (all three)"] for m, r in rows.items()}
+    claim(texts[2], min(gain.values()) >= 0.15,
+          f"preferred {before['preferred (all three)']:.0%} -> " + ", ".join(f"{m} {r['preferred']:.0%}"
+                                                                           for m, r in rows.items()))
 
 
 def main():
@@ -195,9 +292,15 @@ def main():
     if args.fast:
         eval_rows = eval_rows[::6]
     before_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)  # asked before DPO: section 5
-    train_with_the_sft_loop(args, model, tok, pairs)
-    what_changed(args, model, reference, tok, eval_rows, before_replies)
+    ev, dpo_result = train_with_the_sft_loop(args, model, tok, pairs)
+    before, after, kl = what_changed(args, model, reference, tok, eval_rows, before_replies)
+    rows = the_family(args, tok, pairs, data_dir, eval_rows, reference, before, after, kl, dpo_result)
     finish("12")
+    default_run = (not args.lora and args.loss_type == "sigmoid" and args.beta == 0.1 and args.label_smoothing == 0
+                   and args.lr is None and args.epochs == 2.0 and args.sft is None)
+    dpo_claims(before, after, kl, ev, checked=default_run and not args.fast)
+    family_claims(rows, before, checked=default_run and not args.fast)
+    finish_claims(args.fast, args.model)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ An exercise is a region of the reference code between two comment lines::
 pytest node ids that grade it. A kit keeps the two marker lines and puts, at the BEGIN line's
 indentation, ``raise NotImplementedError("Exercise 02.2: see lessons/02-transformer/README.md")``
 in place of the reference lines. Everything else is copied as it is (no .git, virtual
-environments, caches, earlier kits, or weights other than weights/tiny), then zipped.
+environments, caches, earlier kits, or weights other than weights/tiny), except the top-level
+README.md, which becomes the student's: what to read, what to fill in, how to grade it
+(:func:`student_readme`). Then the folder is zipped.
 
     python -m minitune.classroom.kit [--exercises "01.1 02"] [--exercises-file FILE] [--out student-kit]
 
@@ -175,6 +177,36 @@ def copy_tree(src: Path, dst: Path) -> list[Path]:
     return copied
 
 
+def student_readme(ids: list[str], exercises: dict) -> str:
+    """The kit's README.md: what a student does, lesson by lesson, for the assigned exercises.
+
+    Not the project's README: that one says `make test` is what CI runs, and in a kit the blanked functions
+    raise NotImplementedError, so `make test` fails there by design; `make grade` is the measure."""
+    lines = ["# minitune: student kit", "",
+             "This is minitune with some functions blanked out. For each lesson below:", "",
+             "1. read the lesson, `lessons/NN-topic/README.md`, beside the code it links to;",
+             "2. fill in each blanked region of the code: it sits between `# BEGIN EXERCISE NN.M` and",
+             "   `# END EXERCISE` and now raises `NotImplementedError`; the lesson's Exercises part says what it",
+             "   must do;",
+             "3. grade it: `make grade-NN` runs that lesson's graded tests and prints your points",
+             "   (`make grade` does every lesson and writes `grade/results.json`);",
+             "4. run the lesson on your code: `make lesson-NN`; its last line, `claims hold: k/n`, says whether",
+             "   your run shows what the lesson's README claims.", "",
+             "`make env` creates the environment once (CPU only, no GPU needed). `make test` runs the whole",
+             "test suite, and fails here until every blanked function is filled in: grade with `make grade-NN`.", "",
+             "The course map is [lessons/README.md](lessons/README.md).", "", "## Your exercises", ""]
+    by_lesson: dict[str, list[str]] = {}
+    for ex_id in ids:
+        by_lesson.setdefault(ex_id.split(".")[0], []).append(ex_id)
+    for lesson, lesson_ids in by_lesson.items():
+        points = sum(exercises[e]["points"] for e in lesson_ids)
+        readme = exercises[lesson_ids[0]]["lesson"]
+        lines.append(f"- **Lesson {lesson}** ([{readme}]({readme}), {points} points, `make grade-{lesson}`):")
+        lines += [f"  - {e} {exercises[e]['title']} ({exercises[e]['points']} points), in `{exercises[e]['file']}`"
+                  for e in lesson_ids]
+    return "\n".join(lines) + "\n"
+
+
 def build_kit(root, out_dir, wanted: list[str] | None = None) -> tuple[Path, Path, list[str]]:
     """Write ``out_dir/minitune-student/`` and ``out_dir/minitune-student.zip``; returns (folder, zip, ids)."""
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
@@ -197,6 +229,9 @@ def build_kit(root, out_dir, wanted: list[str] | None = None) -> tuple[Path, Pat
     files = copy_tree(root, folder)
     for f, text in blanked.items():
         (folder / f).write_text(text, encoding="utf-8")
+    (folder / "README.md").write_text(student_readme(ids, exercises), encoding="utf-8")
+    if Path("README.md") not in files:
+        files.append(Path("README.md"))
     data = dict(data, assigned=ids)
     (folder / EXERCISES_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -1,7 +1,8 @@
 """What the lessons' run.py scripts share: flags, loading the tiny model (or a stand-in), timing.
 
 Every ``lessons/NN-*/run.py`` takes ``--model PATH`` (default ``weights/tiny``), ``--device``,
-``--dtype`` and ``--fast``. When the model folder is missing (a fresh clone before the tiny
+``--dtype``, ``--fast``, ``--seed`` and ``--threads``, and ends with its claims
+(:mod:`minitune.classroom.claims`). When the model folder is missing (a fresh clone before the tiny
 model is trained), :func:`load_or_build` says so and builds a small random Qwen2-shaped model
 and a byte-level BPE trained on the spot, so the lesson still runs; its numbers then describe
 that stand-in, and generated text is noise.
@@ -38,8 +39,12 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     ap.add_argument("--fast", action="store_true", help="smaller sizes, for CI (< 30 s)")
+    ap.add_argument("--seed", type=int, default=0, help="torch's seed for what the lesson draws (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 

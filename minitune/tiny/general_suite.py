@@ -148,7 +148,8 @@ def chat_choices(model, tok, subject: Subject, template: str = "chatml", batch_s
 
 
 def general_ability(model, tok, scorer: str = "loglik", n_shot: int = 0, batch_size: int = 32,
-                    seed: int = SEED, per_subject: bool = False, template: str = "chatml"):
+                    seed: int = SEED, per_subject: bool = False, template: str = "chatml",
+                    per_subject_limit: int | None = None):
     """The suite's accuracy (0..1) for a loaded model: the number the lessons print before and after a stage.
 
     scorer "loglik" (default): the most likely option text after the quiz frame pretraining wrote
@@ -156,11 +157,14 @@ def general_ability(model, tok, scorer: str = "loglik", n_shot: int = 0, batch_s
     SFT, the model's own format: loglik falling while chat holds means the format moved, not the
     knowledge); "letter": LLaMA-Factory's answer letter (a model this small never learned lettered
     options, so expect chance there). per_subject=True returns (accuracy, {subject: accuracy}).
+    per_subject_limit=k asks only each subject's first k questions (the lessons' --fast mode).
     """
     was_training = model.training
     model.eval()
     subjects, hits, total, by_subject = suite(seed), 0, 0, {}
     for s in subjects:
+        if per_subject_limit is not None:
+            s.questions = s.questions[:per_subject_limit]
         if scorer == "loglik":
             correct = score_choices(model, tok, s, n_shot, batch_size)["correct"]
         elif scorer == "chat":
