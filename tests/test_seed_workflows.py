@@ -86,6 +86,12 @@ def test_seed_001_qlora_train_then_chat_with_its_yaml_files(tmp_path, monkeypatc
     shown = capsys.readouterr()
     assert "Assistant: " in shown.out
     assert "finetuning_type (the adapter folder says which method it holds)" in shown.err
+    # seed 000's last step: merge the LoRA weights into the base (LLaMA-Factory's merge_lora yaml form)
+    (tmp_path / "merge.yaml").write_text(SEED_001_CHAT.replace("Qwen2.5-7B-Instruct", str(TINY))
+                                         + "export_dir: saves/qwen-7b/merged\nexport_size: 2\nexport_device: cpu\n"
+                                           "export_legacy_format: false\n")
+    main(["export", "merge.yaml"])
+    assert (tmp_path / "saves/qwen-7b/merged/config.json").exists()
 
 
 def test_an_unknown_key_in_an_inference_yaml_names_the_file_and_the_key(tmp_path, capsys):

@@ -82,7 +82,9 @@ LLAMA3 = dict(
 )
 
 LAYOUTS: dict[str, dict] = {
-    "chatml": CHATML,
+    # LLaMA-Factory's chatml writes tools in its ReAct-style layout, which minitune does not have:
+    # tool turns under chatml are refused (use qwen / qwen3), not rendered in another layout
+    "chatml": {**CHATML, "tool_format": None},
     "qwen": {**CHATML, "default_system": QWEN_DEFAULT_SYSTEM},
     # Qwen3 hybrid thinking: ChatML, no default system, and the last reply wrapped in a <think> block
     # (templates.ThinkingTemplate; the names in THINKING below get that class).
