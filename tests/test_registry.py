@@ -2,6 +2,7 @@
 tags read as LLaMA-Factory reads them; a path still works; bad names and columns are clear errors; seed
 003's config runs as printed with only the model path changed."""
 
+import io
 import json
 from pathlib import Path
 
@@ -135,7 +136,7 @@ eval_steps: 500
 
 
 @pytest.mark.skipif(not (ROOT / "weights/tiny/config.json").exists(), reason="weights/tiny is not built yet")
-def test_seed_003_config_trains_as_printed_with_only_the_model_path_changed(tmp_path, monkeypatch, capsys):
+def test_seed_003_config_trains_then_chats_and_merges_with_only_the_model_path_changed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # LLaMA-Factory's layout: data/dataset_info.json beside the config, paths relative
     rows = [{"instruction": f"Correct the grammar: he {v} home", "input": "", "output": f"He {v}s home."}
             for v in ("walk", "run", "drive", "ride")] * 5
@@ -146,3 +147,13 @@ def test_seed_003_config_trains_as_printed_with_only_the_model_path_changed(tmp_
     out = tmp_path / "saves/Qwen2-1.5B-Instruct/lora/sft"
     assert (out / "adapter_model.safetensors").exists() and (out / "training_loss.png").exists()
     assert "trained 2 steps" in capsys.readouterr().out
+    # then chat with the adapter and merge it, as the seed goes on to do (LLaMA-Factory's inference / merge yaml)
+    model = str(ROOT / "weights/tiny")
+    (tmp_path / "chat.yaml").write_text(f"model_name_or_path: {model}\nadapter_name_or_path: {out}\ntemplate: qwen\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Correct the grammar: he walk home\n/exit\n"))
+    main(["chat", "chat.yaml", "--max_new_tokens", "4", "--device", "cpu"])
+    assert "Assistant: " in capsys.readouterr().out
+    (tmp_path / "merge.yaml").write_text(f"model_name_or_path: {model}\nadapter_name_or_path: {out}\n"
+                                         "export_dir: saves/merged\nexport_size: 1\n")
+    main(["export", "merge.yaml"])
+    assert (tmp_path / "saves/merged/config.json").exists()
