@@ -34,6 +34,7 @@ from minitune.peft import apply_lora, count_parameters
 from minitune.rlhf import (PairData, Rollout, dpo_loss, prepare_pairs, reference_logprobs, response_kl,
                            response_logprobs, train_dpo)
 from minitune.tiny.evaluate import ask, prompt_ids, stop_ids
+from minitune.tiny.general_suite import general_ability
 from minitune.tiny.tasks import RUDE, contains_answer, preference_score, reference_answer
 from minitune.train import TrainConfig
 
@@ -153,7 +154,7 @@ def train_with_the_sft_loop(args, model, tok, pairs):
     return ev, result
 
 
-def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None:
+def what_changed(args, model, reference, tok, eval_rows, before_replies, suite_before: float) -> None:
     """Section 5: the preferred behaviour before and after, the KL to the reference on the policy's own
     samples, and one reply token by token: where that KL comes from. Returns (behaviour before, after, KL)."""
     section(f"5. what changed, and what it cost: {len(eval_rows)} held-out prompts before and after DPO, "
@@ -171,6 +172,9 @@ def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None
     pad = tok.pad_id if tok.pad_id is not None else stop_ids(tok)[0]
     prompts = [prompt_ids(tok, r["prompt"], args.template) for r in eval_rows]
     kl = response_kl(model, reference, prompts, stop_ids(tok), pad, max_new_tokens=24, temperature=1.0, seed=0)
+    # the alignment tax (对齐税, lesson 05): the general-ability suite, which no stage trains on, before and after
+    suite = (suite_before, general_ability(model, tok, per_subject_limit=3 if args.fast else None))
+    print(f"\ngeneral-ability suite (alignment tax, 对齐税): {suite[0]:.1%} -> {suite[1]:.1%} (the SFT start -> after DPO)")
     print(f"\nKL(pi || pi_ref) on {len(prompts)} sampled responses (temperature 1, {kl['tokens']} tokens): "
           f"{kl['kl_per_token']:.4f} nats per token, {kl['kl_per_sequence']:.3f} per response "
           f"(mean length {kl['mean_length']:.1f} tokens)")
@@ -190,7 +194,7 @@ def what_changed(args, model, reference, tok, eval_rows, before_replies) -> None
     for t, tok_id in list(enumerate(reply))[first:]:
         print(f"  {tok.decode([tok_id])!r:>14}  log pi {lp[t]:7.2f}  log pi_ref {rp[t]:7.2f}  "
               f"log pi - log pi_ref {lp[t] - rp[t]:+7.2f}")
-    return before, after, kl
+    return before, after, kl, suite
 
 
 def dpo_claims(before, after, kl, ev, checked: bool) -> None:
@@ -277,6 +281,16 @@ def family_claims(rows: dict, before: dict, checked: bool) -> None:
                                                                            for m, r in rows.items()))
 
 
+
+def alignment_tax_claim(suite, checked: bool) -> None:
+    """Section 5's alignment tax (lesson 05's suite), for the default run; the margin held over seeds 0-2."""
+    text = "DPO adds little alignment tax to SFT's: the general-ability suite moves by at most 8 points"
+    if not checked:
+        not_checked([text])
+        return
+    claim(text, abs(suite[1] - suite[0]) <= 0.08, f"{suite[0]:.1%} -> {suite[1]:.1%}")
+
+
 def main():
     args = parse_args()
     torch.manual_seed(0)
@@ -292,14 +306,16 @@ def main():
     if args.fast:
         eval_rows = eval_rows[::6]
     before_replies = ask(model, tok, [r["prompt"] for r in eval_rows], args.template)  # asked before DPO: section 5
+    suite_before = general_ability(model, tok, per_subject_limit=3 if args.fast else None)  # section 5 too
     ev, dpo_result = train_with_the_sft_loop(args, model, tok, pairs)
-    before, after, kl = what_changed(args, model, reference, tok, eval_rows, before_replies)
+    before, after, kl, suite = what_changed(args, model, reference, tok, eval_rows, before_replies, suite_before)
     rows = the_family(args, tok, pairs, data_dir, eval_rows, reference, before, after, kl, dpo_result)
     finish("12")
     default_run = (not args.lora and args.loss_type == "sigmoid" and args.beta == 0.1 and args.label_smoothing == 0
                    and args.lr is None and args.epochs == 2.0 and args.sft is None)
     dpo_claims(before, after, kl, ev, checked=default_run and not args.fast)
     family_claims(rows, before, checked=default_run and not args.fast)
+    alignment_tax_claim(suite, checked=default_run and not args.fast)
     finish_claims(args.fast, args.model)
 
 
