@@ -179,17 +179,26 @@ def add_reference_logps(model, features: list[dict], tokenizer, batch_size: int 
     with LoRA adapters switched off if it has any. Computed once, so training needs no second model
     in memory and no second forward pass per step. Runs on the model's current device.
     """
+    return add_reference_columns(model, features, PairCollator(tokenizer), policy_logps,
+                                 ("ref_chosen_logps", "ref_rejected_logps"), batch_size)
+
+
+@torch.no_grad()
+def add_reference_columns(model, features: list[dict], collate, score, names: tuple[str, ...],
+                          batch_size: int = 32) -> list[dict]:
+    """Copies of `features` with columns `names` set to score(model, batch), one [B] tensor per name, of
+    `model` as it is now with its LoRA adapters switched off: the reference, computed once before
+    training (DPO here, KTO in kto.py)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    collate, out = PairCollator(tokenizer), []
+    out = []
     with disable_lora(model):
         for i in range(0, len(features), batch_size):
             part = features[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate(part).items()}
-            chosen, rejected = policy_logps(model, batch)
-            out += [{**f, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
-                    for f, c, r in zip(part, chosen.tolist(), rejected.tolist())]
+            columns = [values.tolist() for values in score(model, batch)]
+            out += [{**f, **{name: float(col[j]) for name, col in zip(names, columns)}} for j, f in enumerate(part)]
     model.train(was_training)
     return out
 

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 
 from ..data.kto import KTOCollator, KTOData
-from ..peft.lora import disable_lora
 from ..train import train
-from .dpo import sequence_logps
+from .dpo import add_reference_columns, sequence_logps
 
 __all__ = ["kto_loss", "kto_logps", "kto_loss_fn", "add_kto_reference_logps", "count_examples", "train_kto"]
 
@@ -93,19 +92,8 @@ def kto_loss_fn(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_we
 @torch.no_grad()
 def add_kto_reference_logps(model, features: list[dict], tokenizer, batch_size: int = 32) -> list[dict]:
     """Copies of `features` with "ref_logps" and "ref_KL_logps" of `model` as it is now (LoRA off)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    collate, out = KTOCollator(tokenizer), []
-    with disable_lora(model):
-        for i in range(0, len(features), batch_size):
-            part = features[i:i + batch_size]
-            batch = {k: v.to(device) for k, v in collate(part).items()}
-            logps, kl = kto_logps(model, batch)
-            out += [{**f, "ref_logps": float(a), "ref_KL_logps": float(b)}
-                    for f, a, b in zip(part, logps.tolist(), kl.tolist())]
-    model.train(was_training)
-    return out
+    return add_reference_columns(model, features, KTOCollator(tokenizer), kto_logps, ("ref_logps", "ref_KL_logps"),
+                                 batch_size)
 
 
 def train_kto(model, data: KTOData, cfg, tokenizer, reference=None):
