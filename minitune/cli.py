@@ -151,13 +151,18 @@ def run_train(cfg: TrainConfig):
         data.val = evaluation.train
         if main:
             print(f"eval_dataset: {evaluation.report.summary()}")
+    train_and_save(cfg, tok, data)
+
+
+def train_and_save(cfg: TrainConfig, tok, data, label: str = "") -> None:
+    """The end of stages sft and pt: the model with its finetuning_type on it, the causal-LM training loop
+    over data.train (evaluating on data.val), the final save, one line saying what was written."""
     model, tok = load_for_training(cfg, tok, n_train=len(data.train))
-    hooks = training_hooks(model, cfg)
     result = train(model, data.train, cfg, val_data=data.val or None, collate=PaddingCollator(tok), tokenizer=tok,
-                   **hooks)
-    if main:
+                   **training_hooks(model, cfg))
+    if distributed.is_main():
         saved = save_trained(model, tok, cfg)
-        print(f"trained {result.steps_text} in {result.runtime_s:.1f} s; {saved}"
+        print(f"{label}trained {result.steps_text} in {result.runtime_s:.1f} s; {saved}"
               + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -258,18 +263,9 @@ def run_pretrain(cfg: TrainConfig):
     data = prepare_pretrain(texts(cfg.datasets), tok, cfg.cutoff_len, cfg.val_size, cfg.seed)
     if cfg.eval_datasets:  # held-out text named in the config, instead of a val_size split
         data.val = prepare_pretrain(texts(cfg.eval_datasets), tok, cfg.cutoff_len).train
-    main = distributed.is_main()
-    if main:
+    if distributed.is_main():
         print(f"data: {data.summary()}")
-    model, tok = load_for_training(cfg, tok, n_train=len(data.train))
-    result = train(model, data.train, cfg, val_data=data.val or None, collate=PaddingCollator(tok), tokenizer=tok,
-                   **training_hooks(model, cfg))
-    if main:
-        saved = save_trained(model, tok, cfg)
-        print(f"pt: trained {result.steps_text} in {result.runtime_s:.1f} s; {saved}"
-              + (f"; loss curve {result.plot_path}" if result.plot_path else ""))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    train_and_save(cfg, tok, data, label="pt: ")
 
 
 def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
