@@ -10,17 +10,23 @@ from minitune.generation import next_token, top_k_filter, top_p_filter
 from minitune.model import ModelConfig, Transformer
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+def tiny(seed=0, **kw):
+    """A small random model (config fields overridable by kw), weights scaled up so the next-token
+    distribution is far from uniform; test_static_cache.py builds its models with it too."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2), **kw})
     m = Transformer(cfg).eval()
     with torch.no_grad():  # larger weights than the init, so the distribution is far from uniform
         for p in m.parameters():
             if p.dim() == 2:
                 p.mul_(8)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
 
 
 def prompt(n=7, seed=0):

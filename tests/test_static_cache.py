@@ -26,12 +26,13 @@ import pytest
 import torch
 import torch._dynamo
 from hf_factory import hf_load, rel_error, write_checkpoints
+from test_generation import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minitune
 from minitune.errors import UserError
 from minitune.generation import GenerationError, generate
-from minitune.model import ModelConfig, StaticKVCache, Transformer
+from minitune.model import StaticKVCache
 from minitune.model.static_cache import decode_step, prefill
 from minitune.peft import apply_lora
 from minitune.peft.prompt import SoftPromptModel
@@ -44,18 +45,6 @@ KINDS = ["qwen2", "qwen3", "llama3"]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     return write_checkpoints(tmp_path_factory, KINDS)
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2), **kw})
-    m = Transformer(cfg).eval()
-    with torch.no_grad():  # larger weights than the init, so the distribution is far from uniform
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return m
 
 
 def prompts(batch, vocab, seed=2):
