@@ -44,6 +44,7 @@ from .tiny.evaluate import stop_ids
 from .tiny.tasks import preference_score
 from .train import distributed, train
 from .train.config import PEFT_TYPES, REFERENCE_FREE, TrainConfig
+from .train.fsdp import read_deepspeed
 from .train.config_file import FIELDS, coerce, flag_help, load_config, read_config_file
 from .train.output_dir import check_output_dir
 from .train.plot import plot_log
@@ -304,8 +305,14 @@ def run_rl(cfg: TrainConfig):
     if unused:
         print(f"note: stage {cfg.stage} does not use {', '.join(unused)} (it trains in float32 at a constant "
               "learning rate and logs every step; lessons 11 and 13)", file=sys.stderr)
+    rank, world = distributed.world()
+    if world > 1 and not cfg.fsdp:
+        raise UserError(f"stage {cfg.stage} on {world} processes runs sharded: set fsdp (full_shard or "
+                        "shard_grad_op) or deepspeed (a ZeRO stage 2 / 3 config); see lesson 14")
+    if cfg.deepspeed and rank == 0:
+        print(read_deepspeed(cfg.deepspeed)[1], file=sys.stderr)
     actor, tok = load_for_training(cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = distributed.setup(cfg.device)  # this process's device (its own GPU under torchrun)
     base = minitune.load_pretrained(cfg.model_name_or_path, device=device, dtype=torch.float32)[0]
     actor.to(device)
     reference = None if cfg.finetuning_type == "lora" else copy.deepcopy(base)  # None: the adapter off
@@ -330,7 +337,7 @@ def run_rl(cfg: TrainConfig):
                        learning_rate=cfg.learning_rate, init_kl_coef=0.2 if cfg.init_kl_coef is None else cfg.init_kl_coef,
                        adap_kl_ctrl=cfg.ppo_target is not None, target_kl=cfg.ppo_target or 6.0,
                        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm or float("inf"),
-                       seed=cfg.seed, log_path=log, **checkpointing)
+                       seed=cfg.seed, log_path=log, fsdp=cfg.fsdp, **checkpointing)
         critic = RewardModel(base, init_std=0.0).to(device)  # a zero value head: V = 0 until it learns (lesson 11)
         records = rlhf.train_ppo(actor, critic, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
     else:
@@ -339,8 +346,12 @@ def run_rl(cfg: TrainConfig):
                         mini_batch_size=mini * cfg.num_generations, learning_rate=cfg.learning_rate,
                         beta=0.04 if cfg.init_kl_coef is None else cfg.init_kl_coef, max_new_tokens=cfg.max_new_tokens,
                         max_grad_norm=cfg.max_grad_norm or float("inf"), seed=cfg.seed, log_path=log,
-                        **checkpointing)
+                        fsdp=cfg.fsdp, **checkpointing)
         records = rlhf.train_grpo(actor, reference, reward, prompts, rl, stops, pad, on_step=ran.append)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank > 0:  # rank 0 saves, draws and reports
+        return
     first, last = records[0], records[-1]
     saved = save_trained(actor.cpu(), tok, cfg)
     # plot_loss: what RL climbs and what holds it back, per step (LLaMA-Factory's PPO plots the reward too)

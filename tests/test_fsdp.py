@@ -251,8 +251,8 @@ def test_an_unreadable_deepspeed_file_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("kw,says", [
-    (dict(fsdp="full_shard", finetuning_type="prefix"), "not yet stage sft with prefix"),
-    (dict(fsdp="full_shard", stage="dpo"), "not yet stage dpo"),
+    (dict(fsdp="full_shard", finetuning_type="prefix"), "full, freeze or lora; not yet prefix"),
+    (dict(fsdp="full_shard", stage="ppo", finetuning_type="qlora"), "not yet qlora"),
     (dict(fsdp="full_shard", fp16=True), "use bf16"),
     (dict(fsdp="full_shard", finetuning_type="lora", trainable_tokens="1,2"), "trainable_tokens"),
     (dict(fsdp="shard_grad_op", deepspeed="DS"), "disagree")])

@@ -28,6 +28,7 @@ Checkpoints and resuming are PPO's (``rl_checkpoint.py``), less the critic and t
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from ..train.optim import make_optimizer
 from ..train.output_dir import check_output_dir
 from .collapse import collapse_stats, collapse_warnings
 from .logprobs import masked_mean
+from . import sharded
 from .ppo_trainer import check_checkpointing, run_steps
 from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import reference_logprobs, response_logprobs, sample_rollout, score_responses
@@ -165,6 +167,7 @@ class GRPOConfig:
     resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
     overwrite_output_dir: bool = False  # output_dir holds another run: delete its files first (else: an error)
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
+    fsdp: str | None = None  # under torchrun: "full_shard" / "shard_grad_op": each rank takes B / W prompts (sharded.py)
 
     def __post_init__(self):
         if (self.batch_size * self.num_generations) % self.mini_batch_size:
@@ -174,38 +177,52 @@ class GRPOConfig:
 
 
 def grpo_step(actor, reference, reward, optimizer, prompts: list[list[int]], cfg: GRPOConfig, stop_ids: list[int],
-              pad_id: int, step: int = 0) -> dict:
-    """Sample G responses per prompt, score, group-normalise, then clipped updates. Returns the numbers."""
-    G = cfg.num_generations
+              pad_id: int, step: int = 0, dp=None) -> dict:
+    """Sample G responses per prompt, score, group-normalise, then clipped updates. Returns the numbers.
+    dp: on W processes (sharded.py), where this rank takes B / W of the prompts (whole groups)."""
+    G, mini_batch_size, seed = cfg.num_generations, cfg.mini_batch_size, cfg.seed * 100_003 + step
+    if dp is not None:  # New: this rank's share of the prompts, before the copies: a group stays on one rank
+        prompts, mini_batch_size = dp.share(prompts), mini_batch_size // dp.world
     rows = [p for p in prompts for _ in range(G)]  # group by group: the layout group_advantages expects
-    roll = sample_rollout(actor, rows, cfg.max_new_tokens, stop_ids, pad_id, cfg.temperature, cfg.top_k,
-                          seed=cfg.seed * 100_003 + step)
+    with nullcontext(actor) if dp is None else dp.whole_actor() as sampler:  # dp: the actor gathered whole
+        roll = sample_rollout(sampler, rows, cfg.max_new_tokens, stop_ids, pad_id, cfg.temperature, cfg.top_k,
+                              seed=seed if dp is None else dp.seed(seed))
     mask = roll.response_mask  # [B*G, N]
     with torch.no_grad():
         old_logp = response_logprobs(actor, roll, temperature=cfg.temperature)  # [B*G, N]
         ref_logp = reference_logprobs(reference, actor, roll, cfg.temperature)
         scores = score_responses(reward, roll)  # [B*G]
         advantages = group_advantages(scores, G)  # [B*G]
+        seq_kls = ((old_logp - ref_logp) * mask).sum(1)  # [B*G] sequence KL at the rollout (k1)
+        responses, all_mask = roll.responses, mask  # the whole batch's (for the statistics)
+        if dp is not None:  # New: every rank's rollouts, for the statistics
+            seq_kls, scores, responses, all_mask = map(dp.gather, (seq_kls, scores, responses, mask))
         flat_groups = (scores.view(-1, G).std(dim=1) == 0).float().mean().item()
 
     sums, n_updates = {"loss": 0.0, "token_kl": 0.0, "clip_frac": 0.0}, 0
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     for _ in range(cfg.num_iterations):
-        for mb in torch.randperm(len(rows), generator=g).split(cfg.mini_batch_size):
+        for mb in torch.randperm(len(rows), generator=g).split(mini_batch_size):
             logp = response_logprobs(actor, roll.index(mb), temperature=cfg.temperature)
             loss, kl, clip_frac = grpo_loss(logp, old_logp[mb], ref_logp[mb], advantages[mb], mask[mb],
                                             cfg.cliprange, cfg.beta)
+            numbers = {"loss": float(loss.detach()), "token_kl": float(kl), "clip_frac": float(clip_frac)}
+            if dp is not None:  # New: FSDP averages the ranks' gradients: weight each by its share of the responses
+                loss = loss * dp.weight(len(mb))
+                # the loss is a mean over responses, its KL and clip fraction means over tokens
+                numbers = {"loss": dp.average({"loss": numbers["loss"]}, len(mb))["loss"],
+                           **dp.average({k: numbers[k] for k in ("token_kl", "clip_frac")}, mask[mb].sum())}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.max_grad_norm)
             optimizer.step()
-            for k, v in (("loss", loss), ("token_kl", kl), ("clip_frac", clip_frac)):
-                sums[k] += float(v.detach())
+            for k, v in numbers.items():
+                sums[k] += v
             n_updates += 1
 
-    seq_kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # sequence KL at the rollout (k1)
+    seq_kl = seq_kls.mean().item()
     stats = {"step": step + 1, "reward": scores.mean().item(), "kl": seq_kl, "flat_groups": flat_groups,
-             **{k: v / n_updates for k, v in sums.items()}, **collapse_stats(roll.responses, mask)}
+             **{k: v / n_updates for k, v in sums.items()}, **collapse_stats(responses.cpu(), all_mask.cpu())}
     stats["warnings"] = collapse_warnings(stats)
     return stats
 
@@ -219,26 +236,39 @@ def train_grpo(actor, reference, reward, prompts: list[list[int]], cfg: GRPOConf
     cfg.save_steps / cfg.resume: checkpoints in cfg.output_dir, and continuing from the last one; an
     output_dir holding another run is an error unless cfg.resume or cfg.overwrite_output_dir
     (train/output_dir.py); cfg.save_total_limit keeps the newest checkpoints only.
+    cfg.fsdp under torchrun: W processes share each batch, the models sharded (sharded.py).
     """
     check_output_dir(cfg)
     seed_everything(cfg.seed)
-    if isinstance(reference, nn.Module):
-        reference.eval().requires_grad_(False)
+    for frozen in (reference, reward):
+        if isinstance(frozen, nn.Module):
+            frozen.eval().requires_grad_(False)
+    dp = sharded.start(cfg.fsdp, next(actor.parameters()).device)
+    if dp is not None:  # New: each model becomes this rank's shards of it
+        if cfg.batch_size % dp.world or cfg.mini_batch_size % dp.world:
+            raise ValueError(f"batch_size {cfg.batch_size} prompts and mini_batch_size {cfg.mini_batch_size} must "
+                             f"split evenly over {dp.world} processes")
+        shards = dp.shard(dict(actor=actor, reference=reference, reward=reward))
+        actor, reference, reward = shards["actor"], shards["reference"], shards["reward"]
     optimizer = make_optimizer(actor, cfg.learning_rate)
     g = torch.Generator().manual_seed(cfg.seed)
     actor.train()
     # everything a step changes that is not a function of (seed, step): see rl_checkpoint.py
     models, optimizers = {"actor": actor}, {"actor": optimizer}
-    records = resume_rl(cfg.output_dir, models, optimizers, g)[1] if cfg.resume else []
+    records = resume_rl(cfg.output_dir, models, optimizers, g, dp=dp)[1] if cfg.resume else []
 
     def step_fn(step):
         batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()]
-        return grpo_step(actor, reference, reward, optimizer, batch, cfg, stop_ids, pad_id, step)
+        return grpo_step(actor, reference, reward, optimizer, batch, cfg, stop_ids, pad_id, step, dp)
 
     def save(step, records):
-        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records)
-        prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
+        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records, dp=dp)
+        if dp is None or dp.rank == 0:
+            prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
 
-    return run_steps("grpo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl",
-                     "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step, records, cfg.save_steps,
-                     save)
+    records = run_steps("grpo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl",
+                        "flat": "flat_groups", "len": "response_length"}, cfg.warn, on_step, records, cfg.save_steps,
+                        save, main=dp is None or dp.rank == 0)
+    if dp is not None:
+        dp.unshard(shards)
+    return records

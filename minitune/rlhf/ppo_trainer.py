@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from .collapse import collapse_stats, collapse_warnings
 from .logprobs import masked_mean
 from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_whiten, ppo_policy_loss,
                   ppo_value_loss)
+from . import sharded
 from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses
 
@@ -80,6 +82,7 @@ class PPOConfig:
     resume: bool = False  # continue from the last checkpoint in output_dir (none there: from step 0)
     overwrite_output_dir: bool = False  # output_dir holds another run: delete its files first (else: an error)
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
+    fsdp: str | None = None  # under torchrun: "full_shard" / "shard_grad_op": each rank rolls out B / W prompts (sharded.py)
 
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
@@ -113,11 +116,16 @@ def critic_values(critic: nn.Module, roll: Rollout) -> torch.Tensor:
 
 
 def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: list[list[int]], cfg: PPOConfig,
-             kl_ctl, stop_ids: list[int], pad_id: int, step: int = 0) -> dict:
-    """Rollout, score, GAE, then ppo_epochs of minibatch updates. Returns the step's numbers."""
+             kl_ctl, stop_ids: list[int], pad_id: int, step: int = 0, dp=None) -> dict:
+    """Rollout, score, GAE, then ppo_epochs of minibatch updates. Returns the step's numbers.
+    dp: on W processes (sharded.py), where this rank takes B / W of the prompts and the models are sharded."""
+    B, mini_batch_size, seed = len(prompts), cfg.mini_batch_size, cfg.seed * 100_003 + step
     # 1-2. rollout and score: everything here is a constant for the updates below
-    roll = sample_rollout(actor, prompts, cfg.max_new_tokens, stop_ids, pad_id, cfg.temperature, cfg.top_k,
-                          seed=cfg.seed * 100_003 + step)
+    if dp is not None:  # New: this rank's share of the prompts and of each minibatch
+        prompts, mini_batch_size = dp.share(prompts), mini_batch_size // dp.world
+    with nullcontext(actor) if dp is None else dp.whole_actor() as sampler:  # dp: the actor gathered whole
+        roll = sample_rollout(sampler, prompts, cfg.max_new_tokens, stop_ids, pad_id, cfg.temperature, cfg.top_k,
+                              seed=seed if dp is None else dp.seed(seed))
     mask = roll.response_mask  # [B, N]
     with torch.no_grad():
         old_logp = response_logprobs(actor, roll, temperature=cfg.temperature)  # [B, N]
@@ -127,17 +135,25 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
         # 3. per-token rewards, advantages, returns
         rewards = kl_penalty_rewards(old_logp, ref_logp, scores, mask, kl_ctl.value)
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if mask.sum() >= 2:
-            advantages = masked_whiten(advantages, mask)
-        seq_kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()  # sequence KL, k1 estimate
+        seq_kls = ((old_logp - ref_logp) * mask).sum(1)  # [B] sequence KL, k1 estimate
+        responses, all_mask = roll.responses, mask  # the whole batch's (for the statistics)
+        if dp is not None:  # New: every rank's rollouts, for whitening and the statistics
+            seq_kls, scores, responses, all_mask = map(dp.gather, (seq_kls, scores, responses, mask))
+            all_advantages = dp.gather(advantages)
+        if all_mask.sum() >= 2:
+            if dp is None:
+                advantages = masked_whiten(advantages, mask)
+            else:  # New: whitened over the whole batch, then this rank's rows
+                advantages = dp.mine(masked_whiten(all_advantages, all_mask), mask.shape[1])
+        seq_kl = seq_kls.mean().item()
 
     # 4. PPO epochs over minibatches
-    B, sums = len(prompts), {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
-                             "entropy": 0.0, "value_clip_frac": 0.0}
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0,
+            "value_clip_frac": 0.0}
     n_updates = 0
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(B, generator=g).split(cfg.mini_batch_size):
+        for mb in torch.randperm(len(prompts), generator=g).split(mini_batch_size):
             sub, m = roll.index(mb), mask[mb]
             logp, ent = response_logprobs(actor, sub, with_entropy=True, temperature=cfg.temperature)
             pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[mb], advantages[mb], m, cfg.cliprange)
@@ -147,6 +163,8 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
             # Actor and critic are separate networks here, so the sum just routes each loss to
             # its own parameters; vf_coef matters when they share a backbone (trl's value head).
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+            if dp is not None:  # New: FSDP averages the ranks' gradients: weight each by its share of the tokens
+                loss = loss * dp.weight(m.sum())
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,28 +172,35 @@ def ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, prompts: l
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             opt_actor.step()
             opt_critic.step()
-            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_frac", clip_frac),
-                         ("approx_kl", approx_kl), ("entropy", entropy), ("value_clip_frac", vf_clip)):
-                sums[k] += float(v.detach())
+            numbers = {"policy_loss": pg_loss, "value_loss": vf_loss, "clip_frac": clip_frac, "approx_kl": approx_kl,
+                       "entropy": entropy, "value_clip_frac": vf_clip}
+            numbers = {k: float(v.detach()) for k, v in numbers.items()}
+            if dp is not None:  # the whole minibatch's means
+                numbers = dp.average(numbers, m.sum())
+            for k, v in numbers.items():
+                sums[k] += v
             n_updates += 1
 
     # 5. KL controller and the collapse watch
     kl_coef = kl_ctl.value
     kl_ctl.update(seq_kl, B)
     stats = {"step": step + 1, "reward": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_coef,
-             **{k: v / n_updates for k, v in sums.items()}, **collapse_stats(roll.responses, mask)}
+             **{k: v / n_updates for k, v in sums.items()}, **collapse_stats(responses.cpu(), all_mask.cpu())}
     stats["warnings"] = collapse_warnings(stats)
     return stats
 
 
 def run_steps(desc: str, n_steps: int, step_fn, log_path: str | None, postfix: dict, warn: bool = True,
-              on_step=None, records: list[dict] | None = None, save_steps: int = 0, save=None) -> list[dict]:
+              on_step=None, records: list[dict] | None = None, save_steps: int = 0, save=None,
+              main: bool = True) -> list[dict]:
     """The loop both PPO and GRPO use: step_fn(step) -> record; tqdm postfix, JSONL log, warnings.
 
     postfix: {short name: record key} shown on the progress bar every step.
     records: those of steps 1..k of a resumed run; the loop goes on with step k + 1.
     save(step, records) is called every save_steps steps, after on_step (which may draw random numbers).
+    main: False on the other ranks of a run on W processes (no log file, bar or warnings: rank 0 has them).
     """
+    log_path = log_path if main else None
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     records = list(records or [])
@@ -185,13 +210,13 @@ def run_steps(desc: str, n_steps: int, step_fn, log_path: str | None, postfix: d
         if log:  # a resumed run's log starts over from the checkpoint's records: each step once, none lost
             log.writelines(json.dumps(rec) + "\n" for rec in records)
             log.flush()
-        pbar = tqdm(range(start, n_steps), desc=desc, dynamic_ncols=True, initial=start, total=n_steps)
+        pbar = tqdm(range(start, n_steps), desc=desc, dynamic_ncols=True, initial=start, total=n_steps, disable=not main)
         for step in pbar:
             rec = step_fn(step)
             rec["seconds"] = round(time.perf_counter() - t0, 2)
             records.append(rec)
             pbar.set_postfix({short: f"{rec[key]:.2f}" for short, key in postfix.items()})
-            if warn:
+            if warn and main:
                 for w in rec.get("warnings", []):
                     tqdm.write(f"{desc} step {step + 1}: WARNING {w}")
             if log:
@@ -216,12 +241,22 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
     (build the four models as for the first run; the trained weights come from the checkpoint).
     An output_dir holding another run is an error unless cfg.resume or cfg.overwrite_output_dir
     (train/output_dir.py); cfg.save_total_limit keeps the newest checkpoints only.
+    cfg.fsdp under torchrun: W processes share each batch, the models sharded (sharded.py); the caller's
+    models hold the whole trained weights again at the end.
     """
     check_output_dir(cfg)
     seed_everything(cfg.seed)
     for frozen in (reference, reward):
         if isinstance(frozen, nn.Module):
             frozen.eval().requires_grad_(False)  # pi_ref and the RM never change
+    dp = sharded.start(cfg.fsdp, next(actor.parameters()).device)
+    if dp is not None:  # New: each model becomes this rank's shards of it
+        if cfg.batch_size % dp.world or cfg.mini_batch_size % dp.world:
+            raise ValueError(f"batch_size {cfg.batch_size} and mini_batch_size {cfg.mini_batch_size} must split "
+                             f"evenly over {dp.world} processes")
+        whole = dict(actor=actor, critic=critic, reference=reference, reward=reward)
+        shards = dp.shard(whole)
+        actor, critic, reference, reward = (shards[k] for k in whole)
     opt_actor = make_optimizer(actor, cfg.learning_rate)
     opt_critic = make_optimizer(critic, cfg.critic_learning_rate or cfg.learning_rate)
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon) if cfg.adap_kl_ctrl
@@ -230,17 +265,21 @@ def train_ppo(actor, critic, reference, reward, prompts: list[list[int]], cfg: P
     actor.train(), critic.train()
     # everything a step changes that is not a function of (seed, step): see rl_checkpoint.py
     models, optimizers = {"actor": actor, "critic": critic}, {"actor": opt_actor, "critic": opt_critic}
-    records = resume_rl(cfg.output_dir, models, optimizers, g, kl_ctl)[1] if cfg.resume else []
+    records = resume_rl(cfg.output_dir, models, optimizers, g, kl_ctl, dp)[1] if cfg.resume else []
 
     def step_fn(step):
         batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()]
         return ppo_step(actor, critic, reference, reward, opt_actor, opt_critic, batch, cfg, kl_ctl,
-                        stop_ids, pad_id, step)
+                        stop_ids, pad_id, step, dp)
 
     def save(step, records):
-        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records, kl_ctl)
-        prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
+        save_rl_checkpoint(cfg.output_dir, step, models, optimizers, g, records, kl_ctl, dp)
+        if dp is None or dp.rank == 0:
+            prune_checkpoints(cfg.output_dir, cfg.save_total_limit, step)
 
-    return run_steps("ppo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl", "clip": "clip_frac",
-                     "ent": "entropy", "len": "response_length", "rep": "repetition_rate"}, cfg.warn, on_step,
-                     records, cfg.save_steps, save)
+    records = run_steps("ppo", cfg.steps, step_fn, cfg.log_path, {"reward": "reward", "kl": "kl", "clip": "clip_frac",
+                        "ent": "entropy", "len": "response_length", "rep": "repetition_rate"}, cfg.warn, on_step,
+                        records, cfg.save_steps, save, main=dp is None or dp.rank == 0)
+    if dp is not None:
+        dp.unshard(shards)
+    return records

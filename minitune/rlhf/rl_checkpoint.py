@@ -43,16 +43,20 @@ __all__ = ["save_rl_checkpoint", "load_rl_checkpoint", "resume_rl", "last_checkp
 
 
 def save_rl_checkpoint(output_dir, step: int, models: dict[str, nn.Module], optimizers: dict,
-                       generator: torch.Generator, records: list[dict], kl_ctl=None) -> Path:
+                       generator: torch.Generator, records: list[dict], kl_ctl=None, dp=None) -> Path:
     """Write output_dir/checkpoint-{step}/ atomically. models / optimizers: {"actor": ..., "critic": ...};
-    generator: the prompt sampler's; kl_ctl: PPO's KL controller (None: GRPO, whose beta is fixed)."""
+    generator: the prompt sampler's; kl_ctl: PPO's KL controller (None: GRPO, whose beta is fixed).
+    dp: on W processes (sharded.py) every rank writes its own shards and AdamW moments instead."""
     final = Path(output_dir) / f"checkpoint-{step}"
+    state = {"global_step": step, "kl_coef": None if kl_ctl is None else kl_ctl.value,  # the controller's only moving part
+             "generator": generator.get_state(), "records": records}
+    if dp is not None:
+        dp.save(final, models, optimizers, state)
+        return final
     with atomic_dir(final) as tmp:
         for name, model in models.items():
             save_safetensors(trainable_state(model), tmp / f"{name}.safetensors", metadata={"format": "pt"})
-        state = {"global_step": step, "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                 "kl_coef": None if kl_ctl is None else kl_ctl.value,  # the controller's only moving part
-                 "generator": generator.get_state(), "rng": rng_state(), "records": records}
+        state.update(optimizers={name: opt.state_dict() for name, opt in optimizers.items()}, rng=rng_state())
         torch.save(state, tmp / STATE_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}, indent=2))
     return final
@@ -67,30 +71,36 @@ def read_trainable(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_rl_checkpoint(path, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
-                       kl_ctl=None) -> tuple[int, list[dict]]:
+                       kl_ctl=None, dp=None) -> tuple[int, list[dict]]:
     """Put a checkpoint's weights and states back in place; returns (step, records of steps 1..step).
 
     Every file is read before anything changes (a damaged one leaves the models as they were).
-    Call it after seeding (the global RNG states it restores must win)."""
+    Call it after seeding (the global RNG states it restores must win). dp: a sharded checkpoint."""
     path = Path(path)
-    weights = {name: read_trainable(path / f"{name}.safetensors") for name in models}
-    state = read_state(path / STATE_FILE)
-    for name, model in models.items():  # a checkpoint of another setup stops here, naming the file
-        put_weights(model, weights[name], path / f"{name}.safetensors")
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
+    if dp is not None:
+        state = dp.load(path, models, optimizers)
+    else:
+        weights = {name: read_trainable(path / f"{name}.safetensors") for name in models}
+        state = read_state(path / STATE_FILE)
+        if "fsdp_world_size" in state:
+            raise CheckpointError(f"{path}: a sharded checkpoint (fsdp, one file per process); resume it with the "
+                                  "same fsdp setting and number of processes (torchrun --nproc_per_node)")
+        for name, model in models.items():  # a checkpoint of another setup stops here, naming the file
+            put_weights(model, weights[name], path / f"{name}.safetensors")
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        set_rng_state(state["rng"])
     if kl_ctl is not None and state["kl_coef"] is not None:
         kl_ctl.value = state["kl_coef"]
     generator.set_state(state["generator"])
-    set_rng_state(state["rng"])
     return state["global_step"], state["records"]
 
 
 def resume_rl(output_dir, models: dict[str, nn.Module], optimizers: dict, generator: torch.Generator,
-              kl_ctl=None) -> tuple[int, list[dict]]:
+              kl_ctl=None, dp=None) -> tuple[int, list[dict]]:
     """Load the newest complete checkpoint in output_dir: (step, records); (0, []) when there is none.
     A damaged one is reported and the one before it loaded (train/checkpoint.py, resume_checkpoint)."""
-    found = resume_checkpoint(output_dir, lambda c: load_rl_checkpoint(c, models, optimizers, generator, kl_ctl))
+    found = resume_checkpoint(output_dir, lambda c: load_rl_checkpoint(c, models, optimizers, generator, kl_ctl, dp))
     if found is None:  # as the trainer's stages do: say so, then start at step 0
         tqdm.write(f"resume: no checkpoint in {output_dir}, starting from step 0")
         return 0, []

@@ -204,9 +204,8 @@ class TrainConfig:
             bad(key, str(e))
         if sharding is None:
             return
-        if self.stage != "sft" or self.finetuning_type not in ("full", "freeze", "lora"):
-            bad(key, f"sharding runs stage sft with finetuning_type full, freeze or lora; not yet stage "
-                     f"{self.stage} with {self.finetuning_type}")
+        if self.finetuning_type not in ("full", "freeze", "lora"):
+            bad(key, f"sharding runs finetuning_type full, freeze or lora; not yet {self.finetuning_type}")
         if self.fp16:
             bad(key, "fp16 with sharding is not supported (its loss scaler would need sharded gradients); use bf16")
         if self.trainable_tokens:

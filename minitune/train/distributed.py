@@ -54,6 +54,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], device) -> list[float]:
+    """The largest of each number over all processes; identity on one process."""
+    if world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def shard(items: list, rank: int, size: int) -> list:
     """This process's share of a global batch (DistributedSampler's interleaving)."""
     return items[rank::size]

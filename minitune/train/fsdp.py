@@ -39,6 +39,7 @@ LLaMA-Factory's `deepspeed: ds_z3_config.json` is read and run as the equivalent
 import copy
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ from ..model.checkpoint import CheckpointError, save_safetensors
 from ..model.transformer import Block
 from . import distributed as dist
 from .checkpoint import OPTIM_FILE, SHARD_FILE, STATE_FILE, read_state, read_tensors, rng_state, set_rng_state
+
+# FSDP2 warns when a sharded model's forward returns a view (a reward model's [B] scores are one), because an
+# in-place op on it would skip the backward all-gather; no loss here writes into a model's output
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # HF's names; auto_wrap: each block, always
 
@@ -204,36 +209,49 @@ def load_optimizer_state(optimizer, sd: dict):
     optimizer.load_state_dict(sd)
 
 
-def save_sharded(output_dir, step: int, sharded: nn.Module, optimizer, scheduler, scaler, info: dict) -> Path:
-    """output_dir/checkpoint-{step}/ written by all ranks: rank r's trainable shards and AdamW moments in
-    shard-rank{r}-of-{W}.safetensors and optimizer-rank{r}-of-{W}.pt, and rank 0's trainer_state.pt.
-    Everything goes into one hidden folder (named with rank 0's pid) that rank 0 renames into place after
-    every rank has finished writing: a crash leaves no checkpoint-N that looks complete."""
-    rank, world = dist.world()
-    final = Path(output_dir) / f"checkpoint-{step}"
+@contextmanager
+def all_ranks_write(final: Path):
+    """with all_ranks_write(out/"checkpoint-4") as tmp: every rank writes its files into tmp, a hidden folder
+    (named with rank 0's pid) that rank 0 renames into place once every rank has finished: a crash leaves
+    no checkpoint-N that looks complete. Every rank enters together."""
+    rank, _ = dist.world()
     pid0 = dist.broadcast_int(os.getpid())
     tmp = final.with_name(f".{final.name}.tmp-{pid0}")  # atomic_dir's hidden name, seen from rank 0
 
-    def write_mine():
+    @contextmanager
+    def written():
         dist.barrier()  # rank 0 has made the folder
-        tensors = {n: local(p).detach().cpu().contiguous() for n, p in sharded.named_parameters() if p.requires_grad}
-        save_safetensors(tensors, tmp / SHARD_FILE.format(r=rank, w=world), metadata={"format": "pt"})
-        torch.save({"optimizer": optimizer_state(optimizer), "rng": rng_state()},
-                   tmp / OPTIM_FILE.format(r=rank, w=world))
+        yield tmp
         dist.barrier()  # every rank has written
 
     if rank == 0:
         with atomic_dir(final) as made:
             assert made == tmp
-            write_mine()
+            with written():
+                yield tmp
+    else:
+        with written():
+            yield tmp
+    dist.barrier()  # renamed into place
+
+
+def save_sharded(output_dir, step: int, sharded: nn.Module, optimizer, scheduler, scaler, info: dict) -> Path:
+    """output_dir/checkpoint-{step}/ written by all ranks (all_ranks_write): rank r's trainable shards and
+    AdamW moments in shard-rank{r}-of-{W}.safetensors and optimizer-rank{r}-of-{W}.pt, and rank 0's
+    trainer_state.pt."""
+    rank, world = dist.world()
+    final = Path(output_dir) / f"checkpoint-{step}"
+    with all_ranks_write(final) as tmp:
+        tensors = {n: local(p).detach().cpu().contiguous() for n, p in sharded.named_parameters() if p.requires_grad}
+        save_safetensors(tensors, tmp / SHARD_FILE.format(r=rank, w=world), metadata={"format": "pt"})
+        torch.save({"optimizer": optimizer_state(optimizer), "rng": rng_state()},
+                   tmp / OPTIM_FILE.format(r=rank, w=world))
+        if rank == 0:
             state = {"global_step": step, **info, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rng_state(), "fsdp_world_size": world}
             torch.save(state, tmp / STATE_FILE)
             (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, **info, "fsdp_world_size": world},
                                                                indent=2))
-    else:
-        write_mine()
-    dist.barrier()  # renamed into place
     return final
 
 
