@@ -120,8 +120,9 @@ def fit_cutoff_len(cfg: TrainConfig, model_config) -> None:
     room = model_config.max_position_embeddings - virtual
     if cfg.cutoff_len > room:
         default = " (the default)" if cfg.cutoff_len == TrainConfig.cutoff_len else ""
-        print(f"note: cutoff_len {cfg.cutoff_len}{default} is cut to {room}, the model's context"
-              + (f" less {virtual} virtual tokens" if virtual else ""), file=sys.stderr)
+        if distributed.is_main():  # every process cuts, one says so
+            print(f"note: cutoff_len {cfg.cutoff_len}{default} is cut to {room}, the model's context"
+                  + (f" less {virtual} virtual tokens" if virtual else ""), file=sys.stderr)
         cfg.cutoff_len = room
 
 
@@ -291,7 +292,9 @@ def rl_prompts(cfg: TrainConfig, tok, rule=None) -> list[list[int]]:
                                  f"score this prompt ({e}); keep only prompts it can score, or set "
                                  "reward_model to a reward model folder") from None
             prompts.append(ids)
-    print(f"prompts: {len(prompts)}" + (f" ({skipped} skipped: longer than cutoff_len - max_new_tokens)" if skipped else ""))
+    if distributed.is_main():
+        print(f"prompts: {len(prompts)}" + (f" ({skipped} skipped: longer than cutoff_len - max_new_tokens)"
+                                            if skipped else ""))
     if not prompts:
         raise UserError("no prompts left for ppo/grpo (check dataset and cutoff_len)")
     return prompts
@@ -302,7 +305,7 @@ def run_rl(cfg: TrainConfig):
     the adapter switched off); the reward is a reward model folder or the tiny world's rule."""
     # settings the trainer's stages read but PPO / GRPO here do not: say so rather than ignore them quietly
     unused = [k for k in RL_UNUSED if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
-    if unused:
+    if unused and distributed.is_main():
         print(f"note: stage {cfg.stage} does not use {', '.join(unused)} (it trains in float32 at a constant "
               "learning rate and logs every step; lessons 11 and 13)", file=sys.stderr)
     rank, world = distributed.world()
@@ -324,8 +327,9 @@ def run_rl(cfg: TrainConfig):
         # the rule reads the user's message, which it finds by the prompts' template
         reward = rlhf.text_reward(preference_score if cfg.stage == "ppo" else rlhf.arithmetic_reward, tok, stops, cfg.chat_template)
     prompts = rl_prompts(cfg, tok, None if cfg.reward_model else reward)
-    mini = cfg.per_device_train_batch_size
-    batch = mini * cfg.gradient_accumulation_steps  # LLaMA-Factory: rollouts per step = batch * accumulation
+    # LLaMA-Factory: rollouts per step = per-device batch x accumulation on each of the W processes
+    mini = cfg.per_device_train_batch_size * world
+    batch = mini * cfg.gradient_accumulation_steps
     log = str(Path(cfg.output_dir) / "trainer_log.jsonl")
     # checkpoint-{step}/ beside the log; resume continues from the last one (rlhf/rl_checkpoint.py)
     checkpointing = dict(save_steps=cfg.save_steps, output_dir=cfg.output_dir, resume=cfg.resume,
