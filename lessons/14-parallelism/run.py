@@ -10,9 +10,12 @@
 3. what each rank holds, measured: parameter + AdamW bytes per rank against per_rank_memory;
 4. what moves: the collectives of one step and their bytes, DDP's all-reduce against ZeRO's
    reduce-scatter + all-gather, and the measured step times;
-5. beyond sharding: the numbers that call for tensor and pipeline parallelism.
+5. beyond sharding: the numbers that call for tensor and pipeline parallelism;
+6. the other stages sharded: DPO against one process, and what each rank holds of PPO's models
+   (rlhf/sharded.py), on 2 processes.
 """
 import argparse
+import copy
 import json
 import os
 import socket
@@ -26,11 +29,14 @@ import torch.multiprocessing as mp
 
 import minitune
 from minitune import memory
-from minitune.classroom.claims import claim, finish_claims
+from minitune.classroom.claims import claim, finish_claims, not_checked
 from minitune.classroom.lesson import finish, section
 from minitune.data import prepare_sft
 from minitune.model import ModelConfig
-from minitune.train import TrainConfig, train
+from minitune.rlhf import PPOConfig, RewardModel, prepare_pairs, sharded, text_reward, train_dpo, train_ppo
+from minitune.tiny.evaluate import prompt_ids, stop_ids
+from minitune.tiny.tasks import preference_score
+from minitune.train import TrainConfig, fsdp, train
 
 STRATEGIES = {"ddp": None, "zero2": "shard_grad_op", "zero3": "full_shard", "offload": "full_shard offload"}
 GLOBAL_BATCH = 8
@@ -103,6 +109,9 @@ def worker(rank: int, world: int, port: int, job: dict):
         result = train(model, data, run_config(strategy, world, job["steps"], job["seed"]))
         out[strategy] = {"losses": result.losses, "state_bytes": result.state_bytes,
                          "s_per_step": result.runtime_s / job["steps"]}
+    if job["stages"]:  # section 6
+        out["dpo"] = {"losses": dpo_losses(job, world)}
+        out["ppo"] = ppo_on_ranks(job)
     Path(job["out"], f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
 
@@ -113,7 +122,8 @@ def run_processes(world: int, job: dict) -> list[dict]:
     ranks = [json.loads(Path(job["out"], f"rank{r}.json").read_text()) for r in range(world)]
     for got in ranks:
         for run in got.values():
-            run["losses"] = {int(k): v for k, v in run["losses"].items()}
+            if "losses" in run:
+                run["losses"] = {int(k): v for k, v in run["losses"].items()}
     return ranks
 
 
@@ -135,7 +145,7 @@ def the_same_steps(args, ranks_list, steps):
         Path(scratch, "data.json").write_text(json.dumps(data))
         for world in ranks_list:
             job = {"model": str(base), "data": str(Path(scratch, "data.json")), "out": scratch, "steps": steps,
-                   "seed": args.seed, "threads": args.threads}
+                   "seed": args.seed, "threads": args.threads, "stages": world == 2}
             runs[world] = run_processes(world, job)
     last = sorted(one.losses)[-3:]  # the last three steps
     print(f"\n{'run':<22}" + "".join(f"{'step ' + str(s):>12}" for s in last) + f"{'max |diff|':>12}")
@@ -218,6 +228,73 @@ def beyond_sharding():
           " (not sharded by ZeRO: recompute them, or split them with tensor / sequence parallelism)")
 
 
+# --------------------------------------------------------------------------- 6
+def dpo_losses(job: dict, world: int) -> dict:
+    """DPO (lesson 12) on the tiny world's preference pairs, sharded with full_shard on more than one process."""
+    model, tok = minitune.load_pretrained(job["model"], device="cpu", dtype=torch.float32)
+    pairs = prepare_pairs(Path(job["model"]) / "data" / "preference.jsonl", tok, "chatml", cutoff_len=96,
+                          val_size=0, seed=0)
+    pairs.train = pairs.train[:GLOBAL_BATCH * job["steps"]]
+    cfg = TrainConfig(stage="dpo", learning_rate=1e-4, max_steps=job["steps"], pref_beta=0.1, save_steps=0,
+                      per_device_train_batch_size=GLOBAL_BATCH // world, logging_steps=job["steps"], device="cpu",
+                      seed=job["seed"], fsdp="full_shard" if world > 1 else None)
+    return train_dpo(model, pairs, cfg, tok).losses
+
+
+def ppo_on_ranks(job: dict) -> dict:
+    """PPO's models (lesson 11) sharded on this rank: the bytes it holds of each, then a few sharded PPO steps
+    (every rank rolls out its half of each batch; the records are the whole batch's)."""
+    sft, tok = minitune.load_pretrained(job["model"], device="cpu", dtype=torch.float32)
+    models = {"actor": sft, "critic": RewardModel(copy.deepcopy(sft), init_std=0.0), "reference": copy.deepcopy(sft)}
+    whole = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in models.items()}
+    dp = sharded.start("full_shard", torch.device("cpu"))
+    shards = dp.shard(dict(models))
+    held = {name: sum(fsdp.local(p).numel() * p.element_size() for p in shards[name].parameters()) for name in models}
+    dp.unshard(shards)  # whole again: train_ppo shards them itself
+    questions = [json.loads(line)["prompt"] for line in (Path(job["model"]) / "data" / "preference.jsonl").open()]
+    stops = stop_ids(tok)
+    cfg = PPOConfig(steps=job["steps"] // 2, batch_size=GLOBAL_BATCH, mini_batch_size=GLOBAL_BATCH, ppo_epochs=2,
+                    learning_rate=1e-5, max_new_tokens=12, seed=job["seed"], warn=False, fsdp="full_shard")
+    reward = text_reward(preference_score, tok, stops)  # the tiny world's rule (lesson 11): not a model to shard
+    records = train_ppo(models["actor"], models["critic"], models["reference"], reward,
+                        [prompt_ids(tok, q) for q in questions[:64]], cfg, stops, stops[0])
+    return {"whole": whole, "held": held, "records": [{k: r[k] for k in ("reward", "kl", "response_length")}
+                                                      for r in records]}
+
+
+def the_other_stages(args, runs, steps):
+    """Section 6: DPO sharded against one process; what each rank holds of PPO's models, and its records."""
+    section("6. the other stages sharded: DPO against one process, PPO's models on 2 processes (rlhf/sharded.py)")
+    if 2 not in runs:
+        print("(runs only when --ranks includes 2)")
+        not_checked(["DPO sharded on 2 processes takes the 1-process losses, within 1e-5",
+                     "each of 2 ranks holds half of each PPO model it shards (within 5%)",
+                     "both ranks log the same PPO records (gathered over the whole batch)"])
+        return
+    ranks = runs[2]
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
+        one = dpo_losses({"model": args.model, "steps": steps, "seed": args.seed}, 1)
+    diff = max(abs(ranks[r]["dpo"]["losses"][s] - one[s]) for r in range(2) for s in one)
+    print(f"DPO, {steps} steps of {GLOBAL_BATCH} pairs: loss at step {steps} {one[steps]:.6f} on one process, "
+          f"{ranks[0]['dpo']['losses'][steps]:.6f} on 2 x full_shard (max |diff| {diff:.1e})")
+    claim("DPO sharded on 2 processes takes the 1-process losses, within 1e-5", diff < 1e-5, f"max {diff:.1e}")
+    print("\nPPO's models sharded with full_shard, bytes of parameters (the reward is the tiny world's rule):")
+    print(f"{'model':<12}{'whole':>12}{'rank 0':>12}{'rank 1':>12}")
+    worst = 0.0
+    for name, size in ranks[0]["ppo"]["whole"].items():
+        held = [ranks[r]["ppo"]["held"][name] for r in range(2)]
+        worst = max(worst, *(abs(h * 2 / size - 1) for h in held))
+        print(f"{name:<12}{size:>12,}{held[0]:>12,}{held[1]:>12,}")
+    claim("each of 2 ranks holds half of each PPO model it shards (within 5%)", worst < 0.05,
+          f"share x 2 within {worst:.1%} of 1")
+    recs = [ranks[r]["ppo"]["records"] for r in range(2)]
+    for i, rec in enumerate(recs[0], 1):
+        print(f"PPO step {i}: reward {rec['reward']:.3f}, KL {rec['kl']:.4f}, response length "
+              f"{rec['response_length']:.2f} (the whole batch: each rank rolled out {GLOBAL_BATCH // 2} prompts)")
+    claim("both ranks log the same PPO records (gathered over the whole batch)", recs[0] == recs[1],
+          f"{len(recs[0])} steps")
+
+
 def main():
     args = parse_args()
     ranks_list = args.ranks or ([2] if args.fast else [2, 4])
@@ -232,6 +309,7 @@ def main():
     what_each_rank_holds(model, one, runs)
     what_moves(model, runs)
     beyond_sharding()
+    the_other_stages(args, runs, steps)
     finish("14")
     finish_claims(args.fast, args.model)
 
