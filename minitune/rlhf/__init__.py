@@ -10,6 +10,7 @@ be read (and tested) beside its equation without a model in sight.
     collapse.py     the collapse watch: response length and repetition, warnings
     ppo_trainer.py  the PPO loop with its four models (lesson 11)
     rl_checkpoint.py  PPO / GRPO checkpoints: resuming reproduces the uninterrupted run
+    sharded.py      PPO / GRPO on W processes: each rank rolls out its share, the models sharded (lesson 14)
     dpo.py          DPO and its variants: sigmoid (+ label smoothing), IPO, hinge, pref_ftx (lesson 12)
     orpo.py         ORPO: SFT + odds ratio, no reference model
     simpo.py        SimPO: length-averaged reward with a margin, no reference model

@@ -8,6 +8,10 @@
                              the step, and the records of steps 1..step
         trainer_state.json   the step, for humans
 
+On W processes with fsdp (sharded.py) every rank writes its own pieces instead: actor-rank{r}-of-{W}.safetensors
+(and critic-...) with its shards, optimizers-rank{r}-of-{W}.pt with its AdamW moments and RNG states, and rank 0
+trainer_state.pt; the folder appears when all have written, and resuming needs the same W.
+
 Why resuming reproduces the uninterrupted run bit for bit: step s of ``ppo_step`` / ``grpo_step``
 reads only
   - the trained weights and the optimizers' states (saved, in fp32),

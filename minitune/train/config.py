@@ -81,7 +81,7 @@ class TrainConfig:
     save_total_limit: int | None = None  # keep only the newest N checkpoint-* folders (None: all)
     seed: int = 42  # seeds python, numpy and torch; also the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # sharding over the torchrun processes (train/fsdp.py, lesson 14); sft with full / freeze / lora
+    # sharding over the torchrun processes (train/fsdp.py, rlhf/sharded.py, lesson 14); every stage, full / freeze / lora
     fsdp: str | list[str] | None = None  # full_shard (ZeRO-3) | shard_grad_op (ZeRO-2), optionally + offload: "full_shard offload" (HF TrainingArguments' names)
     deepspeed: str | None = None  # a DeepSpeed JSON config (LLaMA-Factory's ds_z3_config.json): ZeRO stage 2 / 3 run as fsdp shard_grad_op / full_shard
     # parameter-efficient fine-tuning (finetuning_type other than full; minitune/peft, lessons 06-08)

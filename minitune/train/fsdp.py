@@ -34,6 +34,10 @@ rank 0 renames the folder into place once all have (`save_sharded`); resuming ne
 
 The option names are Hugging Face TrainingArguments' `fsdp` (space-separated: "full_shard offload");
 LLaMA-Factory's `deepspeed: ds_z3_config.json` is read and run as the equivalent FSDP option.
+
+Every stage that trains through the trainer is sharded here: sft, pt, rm (the value head joins the root
+unit), dpo, orpo, simpo and kto (their reference log-probs are computed before sharding). PPO and GRPO
+have loops of their own; rlhf/sharded.py uses the same shard_model / gather_into for their models.
 """
 
 import copy
@@ -177,7 +181,8 @@ def gather_into(model: nn.Module, sharded: nn.Module):
     own = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in sharded.named_parameters():  # the same names: the twin is a copy
-            own[name].data = full(p).detach().to(own[name].dtype)
+            # back on the model's own device (offloaded shards live in CPU memory), in its own dtype
+            own[name].data = full(p).detach().to(own[name].device, own[name].dtype)
 
 
 def held_bytes(model: nn.Module, optimizer) -> int:
