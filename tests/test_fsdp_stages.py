@@ -1,5 +1,6 @@
-"""The reward model and DPO sharded on 2 CPU processes (gloo), full fine-tuning and LoRA: the same losses
-and metrics as one process with the same global batch, a sharded checkpoint resumes the run, and what
+"""The reward model and DPO sharded on 2 CPU processes (gloo), full fine-tuning and LoRA, and KTO and ORPO
+beside them: the same losses and metrics as one process with the same global batch (KTO's reference
+point z0 gathered over the processes), a sharded checkpoint resumes the run, and what
 rank 0 writes at the end loads back (transformers for the full DPO model, PEFT for the LoRA adapter,
 load_reward_model for the reward model) with the one process's numbers.
 
@@ -22,8 +23,9 @@ from test_dpo_training import synthetic_pairs
 from minitune.model import save_pretrained
 from minitune.peft import apply_lora
 from minitune.peft.adapter_io import save_adapter
+from minitune.data.kto import KTOExample, prepare_kto
 from minitune.rlhf import (PairCollator, RewardModel, load_reward_model, prepare_pairs, save_reward_model, score_pairs,
-                           stack_pairs, train_dpo, train_reward_model)
+                           stack_pairs, train_dpo, train_kto, train_orpo, train_reward_model)
 from minitune.train import TrainConfig, distributed
 
 TOL = 1e-5  # the sharded run vs one process: the same sums in another order (float32 rounding)
@@ -31,13 +33,21 @@ STEPS = 4
 PAIRS = synthetic_pairs(40, seed=9)
 # (name, stage, finetuning, fsdp option, per-device batch, accumulation): 2 ranks x 2 x 1 or 2 x 1 x 2 = global 4
 CASES = [("rm_full", "rm", "full", "full_shard", 2, 1), ("rm_lora", "rm", "lora", "shard_grad_op", 1, 2),
-         ("dpo_full", "dpo", "full", "full_shard", 2, 1), ("dpo_lora", "dpo", "lora", "full_shard offload", 1, 2)]
+         ("dpo_full", "dpo", "full", "full_shard", 2, 1), ("dpo_lora", "dpo", "lora", "full_shard offload", 1, 2),
+         ("kto_full", "kto", "full", "full_shard", 2, 1), ("orpo_lora", "orpo", "lora", "shard_grad_op", 2, 1)]
 
 
 def world():
     """The tiny model's config and tokenizer, and the prepared pairs (the same in every process)."""
     cfg, tok = pair_world(PAIRS)
     return cfg, tok, prepare_pairs(PAIRS, tok, "chatml", cutoff_len=64, val_size=0, seed=0)
+
+
+def kto_data(tok):
+    """The pairs as unpaired replies: the chosen one of even rows (desirable), the rejected one of odd rows."""
+    examples = [KTOExample([{"role": "user", "content": r["prompt"]}], r["chosen"] if i % 2 == 0 else r["rejected"],
+                           i % 2 == 0) for i, r in enumerate(PAIRS)]
+    return prepare_kto(examples, tok, "chatml", cutoff_len=64)
 
 
 def run(stage: str, ft: str, batch: int, accum: int = 1, **kw):
@@ -47,12 +57,17 @@ def run(stage: str, ft: str, batch: int, accum: int = 1, **kw):
     if ft == "lora":
         torch.manual_seed(5)  # LoRA's A is drawn here: the same in every process
         apply_lora(model, r=4, alpha=8, targets="all-linear")
-    cfg = TrainConfig(**{**dict(stage=stage, finetuning_type=ft, learning_rate=3e-3, max_steps=STEPS, logging_steps=1,
+    stage, pref_loss = ("dpo", "orpo") if stage == "orpo" else (stage, "sigmoid")
+    cfg = TrainConfig(**{**dict(stage=stage, pref_loss=pref_loss, finetuning_type=ft, learning_rate=3e-3, max_steps=STEPS, logging_steps=1,
                                 save_steps=0, device="cpu", seed=0, pref_beta=0.5, per_device_train_batch_size=batch,
                                 gradient_accumulation_steps=accum), **kw})
     if stage == "rm":
         model = RewardModel(model)
         result = train_reward_model(model, data, cfg, tok)
+    elif stage == "kto":
+        result = train_kto(model, kto_data(tok), cfg, tok)
+    elif pref_loss == "orpo":
+        result = train_orpo(model, data, cfg, tok)
     else:
         result = train_dpo(model, data, cfg, tok)
     return result, model
@@ -110,7 +125,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_sharded_rm_and_dpo_match_one_process_with_the_same_global_batch(runs, name):
+def test_sharded_preference_stages_match_one_process_with_the_same_global_batch(runs, name):
     single, ranks, _ = runs
     want = single[name]
     for got in ranks:
@@ -118,6 +133,8 @@ def test_sharded_rm_and_dpo_match_one_process_with_the_same_global_batch(runs, n
         for step, loss in want["losses"].items():
             assert got[name]["losses"][step] == pytest.approx(loss, abs=TOL)
             for key, value in want["metrics"][step].items():  # accuracy, margin; DPO's rewards and log-probs
+                if name.startswith("kto") and key != "kl":  # KTO's are means over one kind of reply, which a
+                    continue  # split batch weights differently (as accumulation does); z0 ("kl") must agree
                 assert got[name]["metrics"][step][key] == pytest.approx(value, abs=TOL), (step, key)
         assert torch.allclose(torch.tensor(got[name]["params"]), torch.tensor(want["params"]), atol=1e-4)
 

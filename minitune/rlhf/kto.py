@@ -22,6 +22,9 @@ lambda_D n_D / (lambda_U n_U) in [1, 4/3]. beta = pref_beta.
 
 The reference log-probs are computed once before training (add_kto_reference_logps), as for DPO:
 the model as it is then, with LoRA adapters switched off if it has any.
+
+On W processes the batch of z0 is the global micro-batch: the mismatched log-ratios are gathered from
+every process first, as TRL's KTOTrainer gathers them, so W processes take one process's steps.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..data.kto import KTOCollator, KTOData
-from ..train import train
+from ..train import distributed, train
 from .dpo import add_reference_columns, sequence_logps
 
 __all__ = ["kto_loss", "kto_logps", "kto_loss_fn", "add_kto_reference_logps", "count_examples", "train_kto"]
@@ -78,7 +81,9 @@ def kto_loss_fn(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_we
     def loss_fn(model, batch: dict):
         logps, kl_logps = kto_logps(model, batch)
         desirable = batch["label"].bool()
-        loss, rewards, z0 = kto_loss(logps, batch["ref_logps"], desirable, kl_logps, batch["ref_KL_logps"], beta,
+        # z0 over the global micro-batch: every process's mismatched replies (one process: its own)
+        kl_logps, kl_ref_logps = (distributed.all_gather_rows(t) for t in (kl_logps, batch["ref_KL_logps"]))
+        loss, rewards, z0 = kto_loss(logps, batch["ref_logps"], desirable, kl_logps, kl_ref_logps, beta,
                                      desirable_weight, undesirable_weight)
         metrics = {"kl": z0, "rewards/chosen": _mean_where(rewards, desirable),
                    "rewards/rejected": _mean_where(rewards, ~desirable),

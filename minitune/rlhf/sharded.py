@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed
 import torch.nn as nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -118,9 +117,7 @@ class DataParallelRL:
         if t.dim() > 1:
             longest = int(max(dist.all_reduce_max([t.shape[1]], self.device)))
             t = torch.cat([t, t.new_full((t.shape[0], longest - t.shape[1], *t.shape[2:]), fill)], dim=1)
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        return dist.all_gather_rows(t)
 
     def mine(self, t: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """This rank's rows of a gathered tensor (dim 1 cut back to `width`)."""

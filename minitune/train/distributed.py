@@ -63,6 +63,15 @@ def all_reduce_max(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of t [b, ...] (the same b on each), rank 0's first: [W * b, ...]; t on one process."""
+    if world()[1] == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def shard(items: list, rank: int, size: int) -> list:
     """This process's share of a global batch (DistributedSampler's interleaving)."""
     return items[rank::size]
