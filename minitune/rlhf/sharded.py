@@ -23,8 +23,13 @@ The RL loops (ppo_trainer.py, grpo.py) have steps of their own; this is what the
 
 Which models are sharded: the actor and PPO's critic (they train: FSDP also averages their gradients),
 and the frozen reference and reward model when they are models (forward only): between uses each rank
-holds 1/W of each of the four. Each rank samples with its own seed (rank 0 with one process's); with
-greedy sampling (top_k=1) and one minibatch per epoch the run takes one process's steps (tests/test_fsdp_rl.py).
+holds 1/W of each of the four. The rollout needs the actor's whole weights on every rank for its length
+(in the actor's dtype): the peak is one whole actor plus the shards.
+
+Each rank samples with its own seed (rank 0 with one process's), so W processes draw other samples than
+one process would; given the same rollouts, and one minibatch per epoch (each rank then takes 1 / W of
+it, while with several each rank shuffles its own rows), they take one process's steps within float
+rounding (tests/test_fsdp_rl.py). A minibatch split over W ranks needs mini_batch_size divisible by W.
 """
 
 from __future__ import annotations
