@@ -38,9 +38,9 @@ from ..seed import seed_everything
 from ..train.checkpoint import prune_checkpoints
 from ..train.optim import make_optimizer
 from ..train.output_dir import check_output_dir
+from . import sharded
 from .collapse import collapse_stats, collapse_warnings
 from .logprobs import masked_mean
-from . import sharded
 from .ppo_trainer import check_checkpointing, run_steps
 from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import reference_logprobs, response_logprobs, sample_rollout, score_responses

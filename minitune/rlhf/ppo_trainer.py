@@ -39,11 +39,11 @@ from ..seed import seed_everything
 from ..train.checkpoint import prune_checkpoints
 from ..train.optim import make_optimizer
 from ..train.output_dir import check_output_dir
+from . import sharded
 from .collapse import collapse_stats, collapse_warnings
 from .logprobs import masked_mean
 from .ppo import (AdaptiveKLController, FixedKLController, compute_gae, kl_penalty_rewards, masked_whiten, ppo_policy_loss,
                   ppo_value_loss)
-from . import sharded
 from .rl_checkpoint import resume_rl, save_rl_checkpoint
 from .rollout import Rollout, reference_logprobs, response_logprobs, sample_rollout, score_responses
 
