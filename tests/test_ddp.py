@@ -6,11 +6,12 @@ it takes ~10-25 s, mostly starting Python and importing torch in each process.
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from ranks import free_port
 
 from minitune.train import TrainConfig, train
 
@@ -43,12 +44,6 @@ def worker(rank: int, world_size: int, port: int, out_dir: str):
         with open(os.path.join(out_dir, f"b{batch}a{accum}-rank{rank}.json"), "w") as f:
             json.dump({"losses": result.losses, "params": params.tolist()}, f)
     torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

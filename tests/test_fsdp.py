@@ -9,19 +9,17 @@ the slow part): ~15-30 s on 2 busy cores.
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from test_ddp import free_port
+from ranks import copy_checkpoint, keys_to_int, on_ranks
 from test_trainer import tiny_model, toy_data
 
 from minitune import memory
 from minitune.model import save_pretrained
 from minitune.peft.lora import apply_lora
 from minitune.train import TrainConfig, TrainConfigError, load_config, train
-from minitune.train import distributed, fsdp
+from minitune.train import fsdp
 from minitune.train.checkpoint import CheckpointError, load_checkpoint
 
 STEPS = 4
@@ -49,10 +47,7 @@ def flat(model) -> list[float]:
     return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
 
 
-def worker(rank: int, world_size: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+def worker(rank: int, out: str) -> dict:
     got = {}
     for name, ft, option, batch, accum in CASES:
         model = setup_model(ft)
@@ -66,15 +61,10 @@ def worker(rank: int, world_size: int, port: int, out: str):
     result = train(model, toy_data(20), config(2, fsdp="full_shard", bf16=True))
     got["full_zero3_bf16"] = {"losses": result.losses, "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
     # resume: checkpoint-2 of the first run, alone in a new folder, continues to the same steps 3 and 4
-    if rank == 0:
-        shutil.copytree(os.path.join(out, "a", "checkpoint-2"), os.path.join(out, "b", "checkpoint-2"))
-    distributed.barrier()
     result = train(setup_model("full", seed=99), toy_data(20),
-                   config(2, fsdp="full_shard", output_dir=os.path.join(out, "b"), save_steps=2, resume=True))
+                   config(2, fsdp="full_shard", output_dir=copy_checkpoint(rank, out), save_steps=2, resume=True))
     got["resumed"] = {"losses": result.losses}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(got, f)
-    torch.distributed.destroy_process_group()
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +77,10 @@ def runs(tmp_path_factory):
         result = train(model, toy_data(20), config(4, finetuning_type=ft))
         single[ft] = {"losses": result.losses, "state_bytes": result.state_bytes, "params": flat(model),
                       "model": model}
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = on_ranks(worker, out)
     for got in ranks:
         for case in got.values():
-            case["losses"] = {int(k): v for k, v in case["losses"].items()}
+            case["losses"] = keys_to_int(case["losses"])
     return single, ranks, out
 
 

@@ -11,23 +11,19 @@ One spawn of 2 processes runs every case (~20-40 s on 2 busy cores).
 """
 
 import copy
-import json
 import os
-import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from rlhf_fixtures import EOS, PAD, PROMPTS, target_rate, tiny
-from test_ddp import free_port
+from ranks import copy_checkpoint, on_ranks
 
 import minitune.rlhf.grpo as grpo_module
 import minitune.rlhf.ppo_trainer as ppo_module
 from minitune.peft.lora import apply_lora
 from minitune.rlhf import GRPOConfig, PPOConfig, RewardModel, Rollout, sample_rollout, train_grpo, train_ppo
-from minitune.train import distributed
 
 TOL = 1e-5  # a record of the sharded run vs one process: the same sums in another order (float32 rounding)
 STEPS = 4
@@ -83,22 +79,15 @@ def two_rank_rollouts(actor, prompts, max_new_tokens, stop_ids, pad_id, temperat
     return Rollout(torch.cat(ids), torch.cat(attention), torch.cat(responses), P)
 
 
-def worker(rank: int, world_size: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+def worker(rank: int, out: str) -> dict:
     got = {}
     for name, algo, ft, option in CASES:
         save = dict(output_dir=os.path.join(out, "a"), save_steps=2) if name == "grpo_full" else {}
         got[name] = run(algo, ft, option, **save)
     # resume: checkpoint-2 of grpo_full, alone in a new folder, continues to the same steps 3 and 4
-    if rank == 0:
-        shutil.copytree(os.path.join(out, "a", "checkpoint-2"), os.path.join(out, "b", "checkpoint-2"))
-    distributed.barrier()
-    got["resumed"] = run("grpo", "full", "full_shard", output_dir=os.path.join(out, "b"), save_steps=2, resume=True)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(got, f)
-    torch.distributed.destroy_process_group()
+    got["resumed"] = run("grpo", "full", "full_shard", output_dir=copy_checkpoint(rank, out), save_steps=2,
+                         resume=True)
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +100,7 @@ def runs(tmp_path_factory):
             mpatch.setattr(module, "sample_rollout", two_rank_rollouts)
         for name, algo, ft, _ in CASES:
             single[name] = run(algo, ft)
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return single, ranks, out
+    return single, on_ranks(worker, out), out
 
 
 @pytest.mark.slow

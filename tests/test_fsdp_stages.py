@@ -9,15 +9,12 @@ RewardModel is sharded with its value head in the root unit; DPO's reference log
 before sharding. One spawn of 2 processes runs every case (~20-40 s on 2 busy cores).
 """
 
-import json
 import os
-import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from rlhf_fixtures import fresh_model, pair_world
-from test_ddp import free_port
+from ranks import copy_checkpoint, keys_to_int, on_ranks
 from test_dpo_training import synthetic_pairs
 
 from minitune.model import save_pretrained
@@ -26,7 +23,7 @@ from minitune.peft.adapter_io import save_adapter
 from minitune.data.kto import KTOExample, prepare_kto
 from minitune.rlhf import (PairCollator, RewardModel, load_reward_model, prepare_pairs, save_reward_model, score_pairs,
                            stack_pairs, train_dpo, train_kto, train_orpo, train_reward_model)
-from minitune.train import TrainConfig, distributed
+from minitune.train import TrainConfig
 
 TOL = 1e-5  # the sharded run vs one process: the same sums in another order (float32 rounding)
 STEPS = 4
@@ -77,10 +74,7 @@ def flat(model) -> list[float]:
     return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
 
 
-def worker(rank: int, world_size: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+def worker(rank: int, out: str) -> dict:
     got = {}
     for name, stage, ft, option, batch, accum in CASES:
         save = dict(output_dir=os.path.join(out, "a"), save_steps=2) if name == "dpo_full" else {}
@@ -95,14 +89,10 @@ def worker(rank: int, world_size: int, port: int, out: str):
             elif name == "rm_full":
                 save_reward_model(model, tok, os.path.join(out, "rm_full"))
     # resume: checkpoint-2 of dpo_full, alone in a new folder, continues to the same steps 3 and 4
-    if rank == 0:
-        shutil.copytree(os.path.join(out, "a", "checkpoint-2"), os.path.join(out, "b", "checkpoint-2"))
-    distributed.barrier()
-    result, _ = run("dpo", "full", 2, fsdp="full_shard", output_dir=os.path.join(out, "b"), save_steps=2, resume=True)
+    result, _ = run("dpo", "full", 2, fsdp="full_shard", output_dir=copy_checkpoint(rank, out), save_steps=2,
+                    resume=True)
     got["resumed"] = {"losses": result.losses}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(got, f)
-    torch.distributed.destroy_process_group()
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +104,10 @@ def runs(tmp_path_factory):
         result, model = run(stage, ft, 4)
         single[name] = {"losses": result.losses, "metrics": result.metrics, "params": flat(model), "model": model}
     save_pretrained(fresh_model(world()[0], 0), None, out / "base")  # the LoRA adapter's base, for PEFT
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for got in ranks:  # JSON keys are strings
+    ranks = on_ranks(worker, out)
+    for got in ranks:
         for case in got.values():
-            case["losses"] = {int(k): v for k, v in case["losses"].items()}
-            case["metrics"] = {int(k): v for k, v in case.get("metrics", {}).items()}
+            case["losses"], case["metrics"] = keys_to_int(case["losses"]), keys_to_int(case.get("metrics", {}))
     return single, ranks, out
 
 
